@@ -1,0 +1,41 @@
+"""`python -m distill <command>`: the one CLI. Each command's module is imported only when it runs,
+so `serve` never loads the training stack."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+
+# command -> (module, function, one-line help)
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "assets": ("distill.commands.assets", "main", "install | list the embedded default assets"),
+    "train": ("distill.train", "main", "prune → distill → (qat) → eval → export, Hydra-configured"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: python -m distill <command> [args…]", "", "commands:"]
+    lines += [f"  {name:<14} {help_}" for name, (_, _, help_) in COMMANDS.items()]
+    lines += ["", "Hydra commands take key=value overrides, e.g. trainer.max_steps=20 logger=csv."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"unknown command '{name}'\n\n{usage()}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    module, func, _ = COMMANDS[name]
+    sys.argv = [f"distill {name}", *rest]  # Hydra reads sys.argv
+    result = getattr(importlib.import_module(module), func)(rest)
+    return result if isinstance(result, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""One module per CLI command that is not a Hydra pipeline."""

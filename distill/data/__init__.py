@@ -1,0 +1,1 @@
+"""Datamodules, collators and the teacher top-k cache."""

@@ -1,0 +1,1 @@
+"""Loading teachers and students (HF directories or ids, GGUF files, the embedded default)."""

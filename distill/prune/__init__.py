@@ -1,0 +1,1 @@
+"""Structured pruning: importance from a calibration pass, then slicing a smaller config."""

@@ -1,0 +1,1 @@
+"""Evaluation: coherence, VQA retention, speed, reports."""

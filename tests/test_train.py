@@ -1,0 +1,141 @@
+"""`python -m distill train` end to end on a tiny random teacher, as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+QUICK = [
+    "student.num_hidden_layers=2",
+    "student.calibration_blocks=4",
+    "data.seq_len=32",
+    "data.batch_size=2",
+    "data.max_train_blocks=32",
+    "data.max_eval_blocks=2",
+    "trainer.val_check_interval=2",
+    "checkpoint_every_n_steps=2",
+    "logger=csv",
+]
+
+
+def run_train(tmp_path: Path, teacher_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
+    cmd = [
+        sys.executable,
+        "-m",
+        "distill",
+        "train",
+        f"teacher.name_or_path={teacher_dir}",
+        f"output_root={tmp_path / 'outputs'}",
+        *QUICK,
+        *overrides,
+    ]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+def only_run_dir(tmp_path: Path) -> Path:
+    (run_dir,) = (tmp_path / "outputs" / "nano-text").iterdir()
+    return run_dir
+
+
+def test_train_writes_loadable_student_and_run_dir(tmp_path, tiny_teacher_dir):
+    result = run_train(tmp_path, tiny_teacher_dir, "trainer.max_steps=4")
+    assert "teacher vs student" in result.stdout
+    run_dir = only_run_dir(tmp_path)
+    for rel in (
+        "config.yaml",
+        "data_split.json",
+        "importance.pt",
+        "student-init/config.json",
+        "checkpoints/last.ckpt",
+        "student/config.json",
+        "metrics.json",
+        "metrics/metrics.csv",
+    ):
+        assert (run_dir / rel).exists(), rel
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    student = AutoModelForCausalLM.from_pretrained(run_dir / "student")
+    assert student.config.num_hidden_layers == 2
+    assert AutoTokenizer.from_pretrained(run_dir / "student").chat_template
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert set(metrics["models"]) == {"teacher", "student (pruned only)", "student (distilled)"}
+    assert (
+        metrics["models"]["student (distilled)"]["parameters"]
+        < metrics["models"]["teacher"]["parameters"]
+    )
+    csv_text = (run_dir / "metrics" / "metrics.csv").read_text()
+    for column in ("train/loss", "train/lr", "train/tokens_per_s", "val/perplexity"):
+        assert column in csv_text
+    split = json.loads((run_dir / "data_split.json").read_text())
+    assert split["counts"]["test"] > 0 and split["test_keys"]
+
+
+def test_resume_continues_from_last_checkpoint(tmp_path, tiny_teacher_dir):
+    run_train(tmp_path, tiny_teacher_dir, "trainer.max_steps=2")
+    run_dir = only_run_dir(tmp_path)
+    first = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    assert first["global_step"] == 2
+    (run_dir / "student" / "config.json").unlink()  # the distill stage is then incomplete
+    run_train(tmp_path, tiny_teacher_dir, "trainer.max_steps=4", "resume=true")
+    assert only_run_dir(tmp_path) == run_dir  # continued in place, no new run dir
+    second = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    assert second["global_step"] == 4
+
+
+def test_multirun_sweeps_overrides(tmp_path, tiny_teacher_dir):
+    cmd = [
+        sys.executable,
+        "-m",
+        "distill",
+        "train",
+        "-m",
+        f"teacher.name_or_path={tiny_teacher_dir}",
+        f"output_root={tmp_path / 'outputs'}",
+        *QUICK,
+        "trainer.max_steps=1",
+        "loss.temperature=1.0,2.0",
+    ]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    sweep = tmp_path / "outputs" / "multirun" / "nano-text"
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0", "1"]
+    assert all((sweep / n / "student" / "config.json").exists() for n in ("0", "1"))
+
+
+def test_bad_override_is_a_clear_error(tmp_path, tiny_teacher_dir):
+    cmd = [
+        sys.executable,
+        "-m",
+        "distill",
+        "train",
+        f"teacher.name_or_path={tmp_path / 'nope'}",
+        f"output_root={tmp_path / 'outputs'}",
+        *QUICK,
+    ]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert result.returncode != 0
+    assert "nope" in result.stderr
+
+
+@pytest.mark.slow
+def test_real_teacher_heldout_perplexity_below_40(tokenizer):
+    from distill.assets import TEACHER_NAME
+    from distill.data.corpus import load_wiki, split_corpus
+    from distill.data.text import pack_documents
+    from distill.models.loading import load_causal_lm
+    from eval.perplexity import perplexity
+
+    teacher = load_causal_lm(TEACHER_NAME)
+    test_docs = split_corpus(load_wiki(), 0.05, 0.05)["test"]
+    blocks = pack_documents(tokenizer, test_docs, seq_len=256, max_blocks=16)
+    result = perplexity(teacher, blocks, batch_size=8, progress=False)
+    assert result["tokens"] == 16 * 255
+    assert 1.0 < result["perplexity"] < 40.0
