@@ -1,42 +1,95 @@
+"""Each logit divergence against a direct torch.distributions computation; chunking; top-k."""
+
 import pytest
 import torch
+import torch.nn.functional as F
+from torch.distributions import Categorical, kl_divergence
 
-from distill.losses import IGNORE_INDEX, KDLoss, forward_kl
+from distill.losses import (
+    DIVERGENCES,
+    IGNORE_INDEX,
+    HeadStates,
+    KDLoss,
+    TopK,
+    forward_kl,
+    generalized_jsd,
+    reverse_kl,
+    skew_forward_kl,
+    skew_reverse_kl,
+    total_variation,
+)
 
 
-def test_forward_kl_zero_for_identical_logits_and_positive_otherwise():
-    torch.manual_seed(0)
-    logits = torch.randn(6, 32)
-    assert forward_kl(logits, logits.clone()).item() == pytest.approx(0.0, abs=1e-6)
-    assert forward_kl(logits, torch.randn(6, 32)).item() > 0.01
+def _cat(logits=None, probs=None):
+    return Categorical(logits=logits) if probs is None else Categorical(probs=probs)
 
 
-def test_forward_kl_matches_torch_distributions():
+def _reference(kind: str, s: torch.Tensor, t: torch.Tensor, beta=0.5, alpha=0.1) -> torch.Tensor:
+    """Per-row divergence from torch.distributions / plain probabilities, (N,)."""
+    ps, pt = _cat(s), _cat(t)
+    if kind == "forward_kl":
+        return kl_divergence(pt, ps)
+    if kind == "reverse_kl":
+        return kl_divergence(ps, pt)
+    if kind == "jsd":
+        m = _cat(probs=beta * pt.probs + (1 - beta) * ps.probs)
+        return beta * kl_divergence(pt, m) + (1 - beta) * kl_divergence(ps, m)
+    if kind == "skew_forward_kl":
+        return kl_divergence(pt, _cat(probs=alpha * pt.probs + (1 - alpha) * ps.probs))
+    if kind == "skew_reverse_kl":
+        return kl_divergence(ps, _cat(probs=alpha * ps.probs + (1 - alpha) * pt.probs))
+    return 0.5 * (ps.probs - pt.probs).abs().sum(-1)
+
+
+@pytest.mark.parametrize("kind", sorted(DIVERGENCES))
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+def test_divergence_matches_torch_distributions(kind, temperature):
     torch.manual_seed(1)
-    s, t = torch.randn(5, 17), torch.randn(5, 17)
-    for temperature in (1.0, 2.0):
-        expected = (
-            torch.distributions.kl_divergence(
-                torch.distributions.Categorical(logits=t / temperature),
-                torch.distributions.Categorical(logits=s / temperature),
-            ).mean()
-            * temperature**2
-        )
-        torch.testing.assert_close(forward_kl(s, t, temperature), expected)
+    s, t = torch.randn(5, 17) * 3, torch.randn(5, 17) * 3
+    loss = KDLoss(kind=kind, temperature=temperature, beta=0.3, alpha=0.2)
+    expected = _reference(kind, s / temperature, t / temperature, beta=0.3, alpha=0.2)
+    torch.testing.assert_close(loss.divergence(s, t), expected * temperature**2)
 
 
-def test_kd_loss_masks_ignored_positions():
+@pytest.mark.parametrize("fn", [forward_kl, reverse_kl, generalized_jsd, total_variation])
+def test_divergences_zero_for_identical_and_positive_otherwise(fn):
+    torch.manual_seed(0)
+    log_p = F.log_softmax(torch.randn(6, 32), -1)
+    assert fn(log_p, log_p.clone()).abs().max().item() < 1e-6
+    assert fn(log_p, F.log_softmax(torch.randn(6, 32), -1)).min().item() > 1e-3
+
+
+def test_skew_with_alpha_zero_is_plain_kl_and_jsd_is_symmetric_at_half():
+    torch.manual_seed(3)
+    a, b = F.log_softmax(torch.randn(4, 9), -1), F.log_softmax(torch.randn(4, 9), -1)
+    torch.testing.assert_close(skew_forward_kl(a, b, alpha=0.0), forward_kl(a, b))
+    torch.testing.assert_close(skew_reverse_kl(a, b, alpha=0.0), reverse_kl(a, b))
+    torch.testing.assert_close(generalized_jsd(a, b, 0.5), generalized_jsd(b, a, 0.5))
+    assert generalized_jsd(a, b).max() <= torch.log(torch.tensor(2.0))  # JSD ≤ ln 2
+
+
+def test_fp16_logits_are_softmaxed_in_fp32():
+    torch.manual_seed(4)
+    s, t = torch.randn(3, 50) * 8, torch.randn(3, 50) * 8
+    loss = KDLoss()
+    half = loss.divergence(s.half(), t.half())
+    assert half.dtype == torch.float32
+    torch.testing.assert_close(half, loss.divergence(s.half().float(), t.half().float()))
+
+
+def test_kd_loss_masks_ignored_positions_and_adds_weighted_ce():
     torch.manual_seed(2)
     s, t = torch.randn(2, 4, 11), torch.randn(2, 4, 11)
     labels = torch.randint(0, 11, (2, 4))
     labels[:, -1] = IGNORE_INDEX
     out = KDLoss(ce_weight=0.5)(s, t, labels)
     keep = labels != IGNORE_INDEX
-    torch.testing.assert_close(out["kd"], forward_kl(s[keep], t[keep]))
+    expected_kd = kl_divergence(_cat(t[keep]), _cat(s[keep])).mean()
+    torch.testing.assert_close(out["kd"], expected_kd)
+    torch.testing.assert_close(out["ce"], F.cross_entropy(s[keep], labels[keep]))
     torch.testing.assert_close(out["loss"], out["kd"] + 0.5 * out["ce"])
-    # changing a masked position's logits changes nothing
     s2 = s.clone()
-    s2[:, -1] += 5.0
+    s2[:, -1] += 5.0  # a masked position's logits change nothing
     torch.testing.assert_close(KDLoss(ce_weight=0.5)(s2, t, labels)["loss"], out["loss"])
 
 
@@ -47,6 +100,84 @@ def test_kd_loss_all_masked_is_zero_not_nan():
     out["loss"].backward()
 
 
-def test_unknown_loss_is_a_clear_error():
-    with pytest.raises(ValueError, match="unknown KD loss"):
-        KDLoss(kind="nope")
+def test_without_teacher_the_loss_is_plain_ce():
+    torch.manual_seed(5)
+    s, labels = torch.randn(2, 5, 13), torch.randint(0, 13, (2, 5))
+    out = KDLoss()(s, None, labels)
+    assert set(out) == {"ce", "loss"}
+    torch.testing.assert_close(out["loss"], F.cross_entropy(s.flatten(0, 1), labels.flatten()))
+
+
+@pytest.mark.parametrize("kind", ["forward_kl", "jsd"])
+def test_chunked_from_hidden_states_equals_unchunked_values_and_grads(kind):
+    """lm_head applied per chunk (with recompute in backward) == one dense pass."""
+    torch.manual_seed(6)
+    vocab, width = 300, 16
+    s_head, t_head = torch.nn.Linear(width, vocab + 4, bias=False), torch.nn.Linear(24, vocab)
+    s_states = torch.randn(3, 10, width, requires_grad=True)
+    t_states = torch.randn(3, 10, 24)
+    labels = torch.randint(0, vocab, (3, 10))
+    labels[0, :4] = IGNORE_INDEX
+
+    def run(chunk_size: int, dense: bool):
+        s_states.grad, s_head.weight.grad = None, None
+        loss = KDLoss(kind=kind, temperature=2.0, ce_weight=0.3, chunk_size=chunk_size)
+        if dense:  # full logits, sliced to the shared vocabulary
+            out = loss(s_head(s_states)[..., :vocab], t_head(t_states), labels)
+        else:
+            out = loss(HeadStates(s_states, s_head), HeadStates(t_states, t_head), labels, vocab)
+        out["loss"].backward()
+        return out["loss"].detach(), s_states.grad.clone(), s_head.weight.grad.clone()
+
+    reference = run(10_000, dense=True)
+    for chunk in (1, 7, 26, 10_000):
+        for got, want in zip(run(chunk, dense=False), reference, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_topk_with_full_k_equals_dense_forward_kl():
+    torch.manual_seed(7)
+    s, t = torch.randn(2, 3, 12), torch.randn(2, 3, 12)
+    labels = torch.zeros(2, 3, dtype=torch.long)
+    top = F.log_softmax(t, -1).topk(12, dim=-1)
+    sparse = KDLoss()(s, TopK(top.values, top.indices), labels)["kd"]
+    torch.testing.assert_close(sparse, KDLoss()(s, t, labels)["kd"], rtol=1e-4, atol=1e-5)
+
+
+def test_topk_counts_the_tail_mass_in_a_rest_bucket():
+    """KL over (top-k tokens, rest) equals a direct computation on the bucketed distributions,
+    so mass the student puts outside the teacher's top-k is penalised, not ignored."""
+    torch.manual_seed(8)
+    s, t = torch.randn(4, 20), torch.randn(4, 20)
+    k = 5
+    top = F.log_softmax(t, -1).topk(k, dim=-1)
+    got = KDLoss().divergence(s, TopK(top.values.half(), top.indices.int()))
+
+    ps, pt = F.softmax(s, -1), F.softmax(t, -1)
+    ps_top, pt_top = ps.gather(-1, top.indices), pt.gather(-1, top.indices)
+    ps_b = torch.cat([ps_top, 1 - ps_top.sum(-1, keepdim=True)], -1)
+    pt_b = torch.cat([pt_top, 1 - pt_top.sum(-1, keepdim=True)], -1)
+    expected = kl_divergence(Categorical(probs=pt_b), Categorical(probs=ps_b))
+    torch.testing.assert_close(got, expected, rtol=2e-3, atol=2e-3)  # fp16 cache values
+    # moving student mass from the teacher's top-k into the tail raises the loss
+    tail = torch.ones(20, dtype=torch.bool)
+    tail[top.indices[0]] = False
+    s_worse = s.clone()
+    s_worse[0, tail] += 3.0
+    assert KDLoss().divergence(s_worse, TopK(top.values, top.indices))[0] > got[0] + 0.1
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"kind": "nope"}, "unknown KD loss"),
+        ({"temperature": 0}, "temperature"),
+        ({"kind": "jsd", "beta": 1.0}, "beta"),
+        ({"kind": "skew_forward_kl", "alpha": 1.0}, "alpha"),
+        ({"hidden_loss": "l1"}, "hidden_loss"),
+        ({"on_policy_fraction": 1.5}, "on_policy_fraction"),
+    ],
+)
+def test_bad_settings_are_clear_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        KDLoss(**kwargs)
