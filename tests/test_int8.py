@@ -1,0 +1,106 @@
+"""serve.int8: the int8 grid, the fast fbgemm linear vs its dequantized reference, module swaps."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from serve.int8 import (
+    Int8Embedding,
+    Int8Linear,
+    dequantize_weight,
+    fake_quantize_per_token,
+    fbgemm_available,
+    quantize_weight,
+    swap_in_int8,
+)
+
+
+def test_quantize_weight_is_per_row_symmetric_int8():
+    torch.manual_seed(0)
+    w = torch.randn(16, 32) * torch.linspace(0.01, 3.0, 16)[:, None]  # rows of very different range
+    q, scale = quantize_weight(w)
+    assert q.dtype == torch.int8 and scale.shape == (16, 1)
+    assert torch.all(q.int().abs().amax(dim=1) >= 127)  # each row uses its full range
+    err = (dequantize_weight(q, scale) - w).abs()
+    assert torch.all(err <= scale / 2 + 1e-6)  # round-to-nearest: within half a step per row
+    assert torch.equal(torch.round(dequantize_weight(q, scale) / scale).to(torch.int8), q)
+
+
+def test_fake_quantize_per_token_is_per_row():
+    x = torch.tensor([[1.0, -0.5, 0.25], [100.0, 3.0, -50.0]])
+    y = fake_quantize_per_token(x)
+    assert torch.allclose(y[0], x[0], atol=1.0 / 127.5)  # small row keeps its own fine scale
+    assert torch.allclose(y[1], x[1], atol=100.0 / 127.5)
+
+
+@pytest.mark.skipif(not fbgemm_available(), reason="this torch build has no x86/fbgemm engine")
+@pytest.mark.parametrize("bias", [True, False])
+def test_fast_linear_matches_dequantized_reference(bias):
+    torch.manual_seed(0)
+    linear = nn.Linear(96, 80, bias=bias)
+    fast = Int8Linear.from_float(linear)
+    assert fast.is_fast
+    x = torch.randn(1, 1, 96)  # one decode token
+    ref, out = fast.reference(x), fast(x)
+    assert out.shape == (1, 1, 80)
+    # fbgemm: 7-bit asymmetric per-call activations vs 8-bit symmetric per-token reference
+    assert (out - ref).abs().max() <= 0.02 * ref.abs().max()
+    assert (out - linear(x)).abs().max() <= 0.03 * ref.abs().max()
+    q, scale = fast.int8_weight()  # the packed weight unpacks to the exact grid
+    q_ref, scale_ref = quantize_weight(linear.weight)
+    assert torch.equal(q, q_ref) and torch.allclose(scale, scale_ref)
+
+
+def test_reference_path_is_exact_dequantized_matmul():
+    torch.manual_seed(0)
+    linear = nn.Linear(32, 8)
+    slow = Int8Linear.from_float(linear, fast=False)
+    assert not slow.is_fast
+    x = torch.randn(4, 32)
+    q, scale = quantize_weight(linear.weight)
+    expected = fake_quantize_per_token(x) @ dequantize_weight(q, scale).T + linear.bias
+    torch.testing.assert_close(slow(x), expected)
+
+
+def test_bad_int8_inputs_are_clear_errors():
+    with pytest.raises(ValueError, match="int8"):
+        Int8Linear(torch.zeros(4, 4), torch.ones(4))
+    with pytest.raises(ValueError, match="output channels"):
+        Int8Linear(torch.zeros(4, 4, dtype=torch.int8), torch.ones(3))
+
+
+def test_int8_embedding_dequantizes_looked_up_rows():
+    torch.manual_seed(0)
+    table = torch.randn(50, 8)
+    q, scale = quantize_weight(table)
+    emb = Int8Embedding(q, scale)
+    ids = torch.tensor([[3, 7, 3]])
+    torch.testing.assert_close(emb(ids), dequantize_weight(q, scale)[ids])
+
+
+def test_swap_in_int8_runs_a_llama_on_int8_modules(tiny_llama):
+    tensors = {}
+    for name, module in tiny_llama.named_modules():
+        if isinstance(module, nn.Linear | nn.Embedding) and name != "lm_head":
+            tensors[f"{name}.weight"], tensors[f"{name}.weight_scale"] = quantize_weight(
+                module.weight
+            )
+    ids = torch.randint(0, 256, (1, 10))
+    with torch.no_grad():
+        ref = tiny_llama(ids).logits
+    swapped = swap_in_int8(tiny_llama, tensors, lm_head_from="model.embed_tokens")
+    assert "lm_head" in swapped and "model.embed_tokens" in swapped
+    assert sum(isinstance(m, Int8Linear) for m in tiny_llama.modules()) == 4 * 7 + 1
+    with torch.no_grad():
+        out = tiny_llama(ids).logits
+    assert out.shape == ref.shape
+    assert (out.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.8
+    assert (out - ref).abs().max() <= 0.1 * ref.abs().max()
+
+
+def test_swap_in_int8_requires_scales(tiny_llama):
+    q, _ = quantize_weight(tiny_llama.model.layers[0].self_attn.q_proj.weight)
+    with pytest.raises(KeyError, match="weight_scale"):
+        swap_in_int8(tiny_llama, {"model.layers.0.self_attn.q_proj.weight": q})
