@@ -11,6 +11,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "assets": ("distill.commands.assets", "main", "install | list the embedded default assets"),
     "train": ("distill.train", "main", "prune → distill → (qat) → eval → export, Hydra-configured"),
+    "eval": ("distill.commands.eval", "main", "student vs teacher: coherence, VQA, speed → report"),
 }
 
 

@@ -114,6 +114,12 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
 
     results = compare({"teacher": teacher}, data, cfg.eval_batch_size) | pruned_only
     results |= compare({"student (distilled)": student}, data, cfg.eval_batch_size)
+
+    t = time.perf_counter()
+    from eval.stage import eval_stage  # lazy: the eval stack loads only when this stage runs
+
+    eval_stage(cfg, teacher, student, tokenizer, run_dir)
+    stage_seconds["eval"] = time.perf_counter() - t
     stage_seconds["total"] = time.perf_counter() - start
     summary = {"run_dir": str(run_dir), "models": results, "stage_seconds": stage_seconds}
     (run_dir / "metrics.json").write_text(json.dumps(summary, indent=2))

@@ -1,0 +1,171 @@
+"""`python -m distill eval student=<dir> teacher=<id|dir> output_dir=<dir>`: evaluate a student
+against its teacher and write report.{json,md,html}.
+
+Arguments (key=value): student (required unless run_dir), teacher (default: the embedded
+SmolLM2), output_dir (default: <run_dir>/report or outputs/eval/<timestamp>), int8 (an int8 /
+QAT student directory, speed and quality measured too), run_dir (a training run: its student/,
+student-qat/ and metrics/metrics.csv are used), device (auto), eval (preset: full | default),
+logger (none | wandb), and any suite knob as eval.<knob>=<value>.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+
+from distill.paths import configs_dir
+
+log = logging.getLogger(__name__)
+
+ARGS = ("student", "teacher", "output_dir", "int8", "run_dir", "device", "eval", "logger")
+
+
+def parse_args(argv: list[str]) -> tuple[dict[str, str], list[str]]:
+    """Split key=value arguments into this command's own and the eval.* overrides for Hydra."""
+    args: dict[str, str] = {}
+    overrides = []
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if not sep:
+            raise SystemExit(f"expected key=value, got '{arg}' (keys: {', '.join(ARGS)}, eval.*)")
+        if key in ARGS:
+            args[key] = value
+        elif key.startswith("eval."):
+            overrides.append(arg)
+        else:
+            raise SystemExit(
+                f"unknown argument '{key}'; use one of {', '.join(ARGS)} or eval.<knob>"
+            )
+    return args, overrides
+
+
+def load_model(path: str, device: str) -> torch.nn.Module:
+    """A causal LM, or an image-text-to-text model when its config has a vision tower."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    from distill.models.loading import load_causal_lm, resolve_model_path
+
+    resolved, gguf = resolve_model_path(path)
+    if gguf is None and getattr(AutoConfig.from_pretrained(resolved), "vision_config", None):
+        model = AutoModelForImageTextToText.from_pretrained(resolved, dtype=torch.float32)
+        return model.to(device).eval()
+    return load_causal_lm(path, "float32", device).eval()
+
+
+def find_run_files(args: dict[str, str]) -> dict[str, str | None]:
+    """Fill student / int8 / metrics_csv / output_dir from a run dir or the student's parent."""
+    run_dir = Path(args["run_dir"]) if "run_dir" in args else None
+    if run_dir is not None and not run_dir.is_dir():
+        raise SystemExit(f"run_dir={run_dir}: no such directory")
+    student = args.get("student") or (str(run_dir / "student") if run_dir else None)
+    if student is None:
+        raise SystemExit("eval needs student=<dir> (or run_dir=<training run>)")
+    if not (Path(student) / "config.json").exists():
+        raise SystemExit(f"student={student}: not a Hugging Face model directory (no config.json)")
+    parent = run_dir or Path(student).parent
+    int8 = args.get("int8")
+    if int8 is None and run_dir and (run_dir / "student-qat" / "config.json").exists():
+        int8 = str(run_dir / "student-qat")
+    csv = parent / "metrics" / "metrics.csv"
+    stamp = dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    output_dir = args.get("output_dir") or str(
+        run_dir / "report" if run_dir else Path("outputs") / "eval" / stamp
+    )
+    return {
+        "student": student,
+        "int8": int8,
+        "metrics_csv": str(csv) if csv.is_file() else None,
+        "output_dir": output_dir,
+    }
+
+
+def main(argv: list[str]) -> int:
+    from distill.assets import TEACHER_NAME
+    from distill.models.loading import load_tokenizer, resolve_device
+    from eval.suite import evaluate
+
+    args, overrides = parse_args(argv)
+    files = find_run_files(args)
+    teacher_path = args.get("teacher", TEACHER_NAME)
+    with initialize_config_dir(config_dir=str(configs_dir()), version_base="1.3"):
+        cfg = compose(overrides=[f"+eval={args.get('eval', 'full')}", *overrides])
+    settings = instantiate(cfg.eval, _convert_="all")
+    device = resolve_device(args.get("device", "auto"))
+
+    tokenizer = load_tokenizer(teacher_path)
+    teacher = load_model(teacher_path, device)
+    students = {"student": load_model(files["student"], device)}
+    if files["int8"]:
+        students["student_int8"] = load_model(files["int8"], device)
+    processor = None
+    if getattr(teacher.config, "vision_config", None) is not None:
+        from transformers import AutoProcessor
+
+        from distill.models.loading import resolve_model_path
+
+        processor = AutoProcessor.from_pretrained(resolve_model_path(teacher_path)[0])
+    wandb_run = None
+    if args.get("logger", "none") == "wandb":
+        import wandb
+
+        Path(files["output_dir"]).mkdir(parents=True, exist_ok=True)
+        wandb_run = wandb.init(
+            project="nanodistill", dir=files["output_dir"], mode="offline", job_type="eval"
+        )
+    config = {
+        "teacher": teacher_path,
+        "student": files["student"],
+        "int8": files["int8"],
+        "device": device,
+    }
+    report = evaluate(
+        settings,
+        teacher,
+        students,
+        tokenizer,
+        files["output_dir"],
+        processor=processor,
+        metrics_csv=files["metrics_csv"],
+        config=config,
+        wandb_run=wandb_run,
+    )
+    if wandb_run is not None:
+        wandb_run.finish()
+    print_headline(report)
+    print(f"report: {Path(files['output_dir']) / 'report.html'}")
+    return 0
+
+
+def print_headline(report: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from eval.report import metric_rows, speed_rows
+
+    table = Table(title="teacher vs student (held-out test split)")
+    for col in ("metric", *report["models"], "retention"):
+        table.add_column(col, justify="left" if col == "metric" else "right")
+    for row in metric_rows(report):
+        table.add_row(*row)
+    speed = Table(title="speed (batch 1, greedy, medians)")
+    for col in (
+        "model",
+        "ttft ms",
+        "ms/token",
+        "tokens/s",
+        "weights MB",
+        "peak MB",
+        "tok/s vs teacher",
+    ):
+        speed.add_column(col, justify="left" if col == "model" else "right")
+    for row in speed_rows(report):
+        speed.add_row(*row)
+    console = Console()
+    console.print(table)
+    console.print(speed)
+    console.print(f"eval wall time: {report['seconds']['total']:.1f} s")

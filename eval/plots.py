@@ -1,0 +1,97 @@
+"""The report's matplotlib figures: retention bars, latency bars, training curves."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: figures are only rendered to PNG bytes
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+
+def png_bytes(fig: Figure) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def retention_figure(retention_by_model: dict[str, dict[str, float | None]]) -> Figure:
+    """Horizontal bars per metric (one colour per student), with the teacher's 1.0 marked."""
+    metrics = sorted({m for r in retention_by_model.values() for m in r})
+    fig, ax = plt.subplots(figsize=(7, 0.45 * len(metrics) * max(len(retention_by_model), 1) + 1))
+    height = 0.8 / max(len(retention_by_model), 1)
+    for k, (name, ratios) in enumerate(retention_by_model.items()):
+        values = [ratios.get(m) or 0.0 for m in metrics]
+        ys = [i + k * height for i in range(len(metrics))]
+        ax.barh(ys, values, height=height, label=name)
+    ax.axvline(1.0, color="black", linestyle="--", linewidth=1, label="teacher")
+    ax.set_yticks([i + 0.4 - height / 2 for i in range(len(metrics))], metrics)
+    ax.invert_yaxis()
+    ax.set_xlabel("retention (1.0 = as good as the teacher)")
+    ax.legend(loc="lower right", fontsize=8)
+    ax.set_title("retention")
+    return fig
+
+
+def latency_figure(speed: dict[str, dict[str, float]]) -> Figure:
+    """Time to first token and time per output token, one bar per model."""
+    names = list(speed)
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3))
+    for ax, key, label in (
+        (axes[0], "ttft_ms", "time to first token (ms)"),
+        (axes[1], "tpot_ms", "time per output token (ms)"),
+    ):
+        ax.bar(
+            names,
+            [speed[n][key] for n in names],
+            color=["gray", "tab:blue", "tab:green"][: len(names)],
+        )
+        ax.set_title(label, fontsize=10)
+        ax.tick_params(axis="x", labelsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def read_metrics_csv(path: str | Path) -> dict[str, list[tuple[float, float]]]:
+    """Lightning CSVLogger metrics: column -> [(step, value)] for every numeric, non-empty cell."""
+    series: dict[str, list[tuple[float, float]]] = {}
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            step = row.get("step")
+            if not step:
+                continue
+            for key, value in row.items():
+                if key in ("step", "epoch") or not value:
+                    continue
+                try:
+                    series.setdefault(key, []).append((float(step), float(value)))
+                except ValueError:
+                    continue
+    return series
+
+
+def training_figure(series: dict[str, list[tuple[float, float]]]) -> Figure | None:
+    """Loss curves (every column with 'loss' or 'kd' in its name) against the step."""
+    curves = {k: v for k, v in series.items() if ("loss" in k or "kd" in k) and v}
+    if not curves:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 3))
+    for key, points in sorted(curves.items()):
+        steps, values = zip(*points, strict=True)
+        ax.plot(steps, values, marker="." if len(points) < 30 else None, label=key)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    if all(v > 0 for pts in curves.values() for _, v in pts):
+        lo = min(v for pts in curves.values() for _, v in pts)
+        hi = max(v for pts in curves.values() for _, v in pts)
+        if hi / lo > 10 and math.isfinite(hi / lo):
+            ax.set_yscale("log")
+    ax.legend(fontsize=8)
+    ax.set_title("training curves")
+    return fig

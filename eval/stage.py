@@ -1,0 +1,72 @@
+"""The eval stage of a training run: <run_dir>/report/report.{json,md,html} for the student just
+trained (and <run_dir>/student-qat/ when a QAT stage wrote one), against the same teacher."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+def _wandb_run(cfg: DictConfig, run_dir: Path):
+    """The training run's wandb run when the logger config has wandb (reopened if finished)."""
+    spec = (cfg.get("logger") or {}).get("wandb")
+    if not spec:
+        return None
+    import wandb
+
+    if wandb.run is not None:
+        return wandb.run
+    return wandb.init(
+        project=spec.get("project", "nanodistill"),
+        dir=str(run_dir),
+        mode="offline" if spec.get("offline", True) else "online",
+        job_type="eval",
+    )
+
+
+def eval_stage(
+    cfg: DictConfig, teacher: nn.Module, student: nn.Module, tokenizer, run_dir: Path
+) -> dict | None:
+    """Evaluate `student` (and the int8 student if present) against `teacher`; None when the
+    recipe has no `eval` group. Skipped when the report exists, unless cfg.force."""
+    if cfg.get("eval") is None:
+        return None
+    out_dir = run_dir / "report"
+    if (out_dir / "report.json").exists() and not cfg.get("force", False):
+        log.info("eval: %s exists, skipping (force=true reruns)", out_dir)
+        return None
+    from eval.suite import evaluate
+
+    settings = instantiate(cfg.eval, _convert_="all")
+    # Held-out text from exactly the split training used.
+    data = cfg.get("data") or {}
+    for key in ("source", "validation_fraction", "test_fraction", "hf"):
+        if key in data:
+            value = data[key]
+            setattr(
+                settings,
+                key,
+                OmegaConf.to_container(value) if isinstance(value, DictConfig) else value,
+            )
+    students = {"student": student}
+    qat_dir = run_dir / "student-qat"
+    if (qat_dir / "config.json").exists():
+        from distill.commands.eval import load_model
+
+        students["student_int8"] = load_model(str(qat_dir), str(next(student.parameters()).device))
+    return evaluate(
+        settings,
+        teacher,
+        students,
+        tokenizer,
+        out_dir,
+        metrics_csv=run_dir / "metrics" / "metrics.csv",
+        config={"run_dir": str(run_dir), "teacher": cfg.teacher.name_or_path},
+        wandb_run=_wandb_run(cfg, run_dir),
+    )

@@ -1,0 +1,271 @@
+"""The evaluation suite: a student (and its int8 variant, when present) against its teacher on
+held-out text — perplexity, agreement, coherence probe, generation quality — plus VQA for
+vision-language models and decode speed, gathered into one report.
+
+Read top to bottom: held-out data → per-model metrics → retention → speed → report files.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from torch import nn
+
+from eval.agreement import teacher_agreement
+from eval.generation import (
+    distinct_n,
+    generate_continuations,
+    repetition_rate,
+    scored_perplexity,
+)
+from eval.heldout import generation_prompts, heldout_blocks, heldout_documents, probe_paragraphs
+from eval.judge import Judge
+from eval.probe import coherence_probe, probe_pairs
+from eval.retention import retention
+from eval.speed import measure_speed, speed_ratios
+
+log = logging.getLogger(__name__)
+
+TEACHER, STUDENT = "teacher", "student"
+
+
+@dataclass
+class EvalSettings:
+    """Every knob of the suite (configs/eval/*.yaml); sizes bound its cost."""
+
+    seed: int = 0
+    # held-out data: the same corpus and hash split training used
+    source: str = "wiki"
+    validation_fraction: float = 0.05
+    test_fraction: float = 0.05
+    hf: dict | None = None
+    # perplexity + teacher agreement on packed test blocks
+    seq_len: int = 256
+    blocks: int = 8
+    batch_size: int = 2
+    # coherence probe
+    probe_paragraphs: int = 16
+    probe_min_sentences: int = 3
+    probe_max_chars: int = 700
+    # generation quality
+    prompts: int = 4
+    prompt_tokens: int = 32
+    new_tokens: int = 32
+    temperature: float = 0.8
+    top_p: float = 0.95
+    repetition_n: int = 4
+    # speed
+    speed_prompts: int = 2
+    speed_new_tokens: int = 16
+    speed_warmup: int = 1
+    speed_repeats: int = 3
+    # VQA (vision-language models only)
+    vqa_questions: int = 40
+    vqa_examples: int = 6
+    # lm-evaluation-harness tasks (empty: skipped)
+    harness_tasks: list[str] = field(default_factory=list)
+    harness_include_path: str | None = None
+    harness_limit: int | None = None
+    # report
+    samples_in_report: int = 4
+
+    def __post_init__(self) -> None:
+        for name in ("blocks", "probe_paragraphs", "prompts", "prompt_tokens", "new_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"eval.{name} must be ≥ 1, got {getattr(self, name)}")
+        if self.speed_repeats < 1 or self.speed_prompts < 1:
+            raise ValueError("eval.speed_repeats and eval.speed_prompts must be ≥ 1")
+        if self.probe_min_sentences < 2:
+            raise ValueError("eval.probe_min_sentences must be ≥ 2 to have an order to shuffle")
+        self.harness_tasks = list(self.harness_tasks)
+
+
+def text_metrics(
+    settings: EvalSettings, teacher: nn.Module, students: dict[str, nn.Module], tokenizer, docs
+) -> tuple[dict[str, dict], list[dict]]:
+    """Per-model coherence metrics and side-by-side sample generations."""
+    models = {TEACHER: teacher, **students}
+    metrics: dict[str, dict] = {name: {} for name in models}
+
+    blocks = heldout_blocks(tokenizer, docs, settings.seq_len, settings.blocks)
+    for name, student in students.items():
+        agreement = teacher_agreement(teacher, student, blocks, settings.batch_size)
+        metrics[TEACHER] |= {
+            "perplexity": agreement["teacher_perplexity"],
+            "top1_agreement": 1.0,
+            "kl_from_teacher": 0.0,
+        }
+        metrics[name] |= {
+            "perplexity": agreement["student_perplexity"],
+            "top1_agreement": agreement["top1_agreement"],
+            "kl_from_teacher": agreement["kl_from_teacher"],
+        }
+    log.info("eval: perplexity and agreement on %d held-out blocks done", len(blocks))
+
+    paragraphs = probe_paragraphs(
+        docs,
+        settings.probe_paragraphs,
+        settings.probe_min_sentences,
+        settings.probe_max_chars,
+        settings.seed,
+    )
+    pairs = probe_pairs(tokenizer, paragraphs, settings.seed)
+    for name, model in models.items():
+        metrics[name] |= coherence_probe(model, pairs, settings.batch_size * 4)
+    log.info("eval: coherence probe on %d paragraphs done", len(pairs))
+
+    prompts = generation_prompts(
+        tokenizer,
+        docs,
+        settings.prompts,
+        settings.prompt_tokens,
+        settings.new_tokens,
+        settings.seed,
+    )
+    prompt_ids = [p.ids for p in prompts]
+    continuations = {
+        name: generate_continuations(
+            model,
+            prompt_ids,
+            settings.new_tokens,
+            settings.seed,
+            temperature=settings.temperature,
+            top_p=settings.top_p,
+            pad_token_id=tokenizer.pad_token_id or 0,
+        )
+        for name, model in models.items()
+    }
+    texts = {name: [tokenizer.decode(c) for c in conts] for name, conts in continuations.items()}
+    judge = Judge()
+    references = [p.reference for p in prompts]
+    for name in models:
+        metrics[name] |= {
+            "generation_teacher_ppl": scored_perplexity(teacher, prompt_ids, continuations[name]),
+            "distinct_2": distinct_n(continuations[name], 2),
+            "distinct_3": distinct_n(continuations[name], 3),
+            "repetition_rate": repetition_rate(continuations[name], settings.repetition_n),
+            "similarity_to_teacher": statistics.mean(judge.similarity(texts[name], texts[TEACHER])),
+            "similarity_to_reference": statistics.mean(judge.similarity(texts[name], references)),
+        }
+    log.info("eval: generation quality on %d prompts done", len(prompts))
+    samples = [
+        {"prompt": p.text, "reference": p.reference, **{n: texts[n][i] for n in models}}
+        for i, p in enumerate(prompts[: settings.samples_in_report])
+    ]
+    return metrics, samples
+
+
+def vqa_metrics(
+    settings: EvalSettings, models: dict[str, nn.Module], processor
+) -> tuple[dict[str, dict], list[dict]]:
+    """easy-VQA exact-match accuracy per model and a few examples with every model's answer."""
+    from eval.vqa import answer_questions, easy_vqa_items, exact_match_accuracy
+
+    items = easy_vqa_items(settings.vqa_questions, settings.seed)
+    gold = [item.answer for item in items]
+    answers = {name: answer_questions(model, processor, items) for name, model in models.items()}
+    metrics = {name: {"vqa_accuracy": exact_match_accuracy(a, gold)} for name, a in answers.items()}
+    examples = [
+        {"image": str(item.image), "question": item.question, "answer": item.answer}
+        | {name: answers[name][i] for name in models}
+        for i, item in enumerate(items[: settings.vqa_examples])
+    ]
+    return metrics, examples
+
+
+def evaluate(
+    settings: EvalSettings,
+    teacher: nn.Module,
+    students: dict[str, nn.Module],
+    tokenizer,
+    output_dir: str | Path,
+    processor=None,
+    docs=None,
+    metrics_csv: str | Path | None = None,
+    config: dict | None = None,
+    wandb_run=None,
+) -> dict:
+    """Run the suite and write output_dir/report.{json,md,html}; returns the report dict.
+
+    `students` maps names to models ("student" is the fp32 student; e.g. "student_int8" the
+    quantized one). `docs` are the held-out documents (default: the configured test split).
+    """
+    from eval.report import write_report
+    from eval.vqa import is_vlm
+
+    if STUDENT not in students:
+        raise ValueError(f"evaluate() needs a model named '{STUDENT}', got {sorted(students)}")
+    start = time.perf_counter()
+    models = {TEACHER: teacher, **students}
+    if docs is None:
+        docs = heldout_documents(
+            settings.source, settings.validation_fraction, settings.test_fraction, settings.hf
+        )
+    report: dict = {
+        "models": {},
+        "retention": {},
+        "retention_by_model": {},
+        "speed": {},
+        "config": {"eval": asdict(settings), **(config or {})},
+        "samples": [],
+        "vqa_examples": [],
+        "seconds": {},
+    }
+
+    t = time.perf_counter()
+    metrics, report["samples"] = text_metrics(settings, teacher, students, tokenizer, docs)
+    report["seconds"]["text"] = time.perf_counter() - t
+
+    if is_vlm(teacher):
+        if processor is None:
+            raise ValueError("the models are vision-language models; evaluate() needs a processor")
+        t = time.perf_counter()
+        vqa, report["vqa_examples"] = vqa_metrics(settings, models, processor)
+        for name in models:
+            metrics[name] |= vqa[name]
+        report["seconds"]["vqa"] = time.perf_counter() - t
+    report["models"] = metrics
+    report["retention_by_model"] = {
+        name: retention(metrics[TEACHER], metrics[name]) for name in students
+    }
+    report["retention"] = report["retention_by_model"][STUDENT]
+
+    t = time.perf_counter()
+    prompts = generation_prompts(
+        tokenizer, docs, settings.speed_prompts, settings.prompt_tokens, 1, settings.seed
+    )
+    speed = measure_speed(
+        models,
+        [p.ids for p in prompts],
+        settings.speed_new_tokens,
+        settings.speed_warmup,
+        settings.speed_repeats,
+    )
+    for name, ratios in speed_ratios(speed).items():
+        speed[name] |= ratios
+    report["speed"] = speed
+    report["seconds"]["speed"] = time.perf_counter() - t
+
+    if settings.harness_tasks:
+        from eval.harness import run_harness
+
+        t = time.perf_counter()
+        report["harness"] = {
+            name: run_harness(
+                model,
+                tokenizer,
+                settings.harness_tasks,
+                include_path=settings.harness_include_path,
+                limit=settings.harness_limit,
+            )
+            for name, model in models.items()
+        }
+        report["seconds"]["harness"] = time.perf_counter() - t
+
+    report["seconds"]["total"] = time.perf_counter() - start
+    write_report(report, Path(output_dir), metrics_csv=metrics_csv, wandb_run=wandb_run)
+    return report
