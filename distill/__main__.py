@@ -11,6 +11,11 @@ import sys
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "assets": ("distill.commands.assets", "main", "install | list the embedded default assets"),
     "train": ("distill.train", "main", "prune → distill → (qat) → eval → export, Hydra-configured"),
+    "cache-teacher": (
+        "distill.commands.cache_teacher",
+        "main",
+        "top-k teacher log-probs for the training set (offline KD)",
+    ),
     "eval": ("distill.commands.eval", "main", "student vs teacher: coherence, VQA, speed → report"),
 }
 

@@ -19,14 +19,17 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from distill.data.teacher_cache import CachedTrainData
 from distill.data.text import TextDataModule
+from distill.hidden_kd import kept_layers_from, layer_pairs
 from distill.models.loading import count_parameters, load_causal_lm, load_tokenizer, resolve_device
-from distill.module import DistillModule
+from distill.module import DistillModule, output_rows
 from distill.paths import configs_dir, recipes_dir
 from distill.prune.stage import prune_stage
 from distill.rundir import checkpoint_to_resume, register_resolvers
 from distill.summary import print_comparison
 from distill.trackers import build_loggers
+from distill.vocab import shared_vocab_size
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +58,42 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
     )
 
 
+def build_module(cfg: DictConfig, teacher, student, data: TextDataModule, run_dir: Path):
+    """The DistillModule and the datamodule it trains on (live teacher, or its top-k cache).
+
+    Vocabularies are checked here, before any training: logit KD across tokenizers is an error.
+    """
+    loss = instantiate(cfg.loss)
+    student_tokenizer = (
+        load_tokenizer(cfg.student.name_or_path)
+        if cfg.student.init == "pretrained"
+        else data.tokenizer
+    )
+    vocab = shared_vocab_size(
+        data.tokenizer, student_tokenizer, output_rows(teacher), output_rows(student)
+    )
+    pairs = None
+    if loss.hidden_weight > 0:
+        kept = kept_layers_from(run_dir / "student-init")
+        pairs = layer_pairs(
+            student.config.num_hidden_layers, teacher.config.num_hidden_layers, kept
+        )
+    datamodule = data
+    if loss.cache:  # offline teacher: no teacher in the training loop
+        datamodule = CachedTrainData(data, loss.cache, loss.temperature)
+        teacher = None
+    module = DistillModule(
+        student,
+        teacher,
+        loss=loss,
+        vocab_size=vocab,
+        hidden_pairs=pairs,
+        seed=cfg.seed,
+        **cfg.optim,
+    )
+    return module, datamodule
+
+
 def distill_stage(
     cfg: DictConfig, teacher, student, data: TextDataModule, run_dir: Path
 ) -> torch.nn.Module:
@@ -66,9 +105,9 @@ def distill_stage(
     if cfg.student.freeze_embeddings:
         student.get_input_embeddings().requires_grad_(False)
         student.get_output_embeddings().requires_grad_(False)
-    module = DistillModule(student, teacher, loss=instantiate(cfg.loss), **cfg.optim)
+    module, datamodule = build_module(cfg, teacher, student, data, run_dir)
     trainer = build_trainer(cfg, run_dir)
-    trainer.fit(module, datamodule=data, ckpt_path=checkpoint_to_resume(run_dir, cfg.resume))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=checkpoint_to_resume(run_dir, cfg.resume))
     student.requires_grad_(True)
     student.save_pretrained(out_dir)
     data.tokenizer.save_pretrained(out_dir)

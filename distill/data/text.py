@@ -16,6 +16,7 @@ from distill.data.corpus import (
     split_corpus,
     write_split_record,
 )
+from distill.data.resumable import ResumableLoader
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +108,10 @@ class TextDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+        # Resumable: a mid-epoch resume continues on the next unseen batch (see resumable.py).
+        return ResumableLoader(
+            TensorDataset(self.blocks["train"]), self.batch_size, self.seed, self.num_workers
+        )
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("validation", shuffle=False)

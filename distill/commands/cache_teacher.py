@@ -1,0 +1,75 @@
+"""`python -m distill cache-teacher`: the teacher's top-k log-probs for the training blocks, on disk.
+
+Same Hydra recipe and overrides as `train` (defaults to `loss=topk_cached`); the cache lands in
+`loss.cache`, and `python -m distill train loss=topk_cached` with the same data settings then
+trains from it with no teacher in memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig
+
+from distill.data.teacher_cache import write_cache
+from distill.models.loading import load_causal_lm, load_tokenizer, resolve_device
+from distill.paths import recipes_dir
+from distill.rundir import register_resolvers
+
+log = logging.getLogger(__name__)
+
+
+def cache(cfg: DictConfig) -> dict:
+    """Load teacher and data as `train` does and write the cache; returns its meta."""
+    from distill.train import build_datamodule
+
+    out_dir = Path(cfg.loss.cache)
+    torch.manual_seed(cfg.seed)
+    tokenizer = load_tokenizer(cfg.teacher.name_or_path)
+    device = resolve_device(cfg.teacher.device)
+    teacher = load_causal_lm(
+        cfg.teacher.name_or_path, cfg.teacher.dtype, device, cfg.teacher.load_in_8bit
+    )
+    data = build_datamodule(cfg, tokenizer, out_dir)
+    meta = write_cache(
+        teacher,
+        data.blocks["train"],
+        out_dir,
+        k=cfg.loss.top_k,
+        temperature=cfg.loss.temperature,
+        batch_size=cfg.eval_batch_size,
+        vocab=len(tokenizer),
+    )
+    tokens = meta["num_blocks"] * meta["seq_len"]
+    print(
+        f"teacher cache: {out_dir}  {tokens:,} tokens  top-k={meta['k']}  "
+        f"{meta['bytes_per_token']:.1f} bytes/token on disk "
+        f"({meta['payload_bytes_per_token']} payload; dense fp16 logits would be "
+        f"{2 * meta['vocab_size']:,})"
+    )
+    return meta
+
+
+def main(argv: list[str]) -> int:
+    from distill.train import _hydra_argv
+
+    register_resolvers()
+    overrides = list(argv)
+    if not any(a.startswith("loss=") for a in overrides):
+        overrides.insert(0, "loss=topk_cached")
+    if not any(a.startswith("hydra.run.dir=") for a in overrides):
+        overrides.append("hydra.run.dir=${loss.cache}")  # config + log sit with the shards
+    sys.argv = [sys.argv[0], *_hydra_argv(overrides)]
+
+    @hydra.main(config_path=str(recipes_dir()), config_name="nano-text", version_base="1.3")
+    def _cache(cfg: DictConfig) -> None:
+        if not cfg.loss.cache:
+            raise ValueError("loss.cache is not set: pass loss=topk_cached or loss.cache=<dir>")
+        cache(cfg)
+
+    _cache()
+    return 0
