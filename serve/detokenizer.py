@@ -1,0 +1,58 @@
+"""Incremental detokenization with stop strings held back until they are ruled out."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+class TextStream:
+    """Turns a growing list of token ids into text deltas, stopping at any of `stop`.
+
+    Decodes only a short window of recent tokens per step (so the cost does not grow with the
+    output), holds back an incomplete UTF-8 character, and holds back any tail that could
+    still become a stop string, so a stop string is never streamed.
+    """
+
+    def __init__(self, tokenizer, stop: Sequence[str] = ()):
+        self.tokenizer = tokenizer
+        self.stop = tuple(stop)
+        self.ids: list[int] = []
+        self.text = ""  # everything decoded so far (complete characters only)
+        self.sent = 0  # characters of `text` already returned
+        self._prefix, self._read = 0, 0  # decode window, as in vLLM/TGI
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def add(self, token_id: int) -> tuple[str, bool]:
+        """Append one token; returns (new text to emit, whether a stop string was hit)."""
+        self.ids.append(token_id)
+        before = self._decode(self.ids[self._prefix : self._read])
+        after = self._decode(self.ids[self._prefix :])
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self.text += after[len(before) :]
+            self._prefix, self._read = self._read, len(self.ids)
+        if self.stop:
+            start = max(0, self.sent - max(len(s) for s in self.stop))
+            hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
+            if hits:
+                self.text = self.text[: min(hits)]
+                return self.flush(), True
+        return self._emit(self._held_back()), False
+
+    def _held_back(self) -> int:
+        """Length of the longest tail of `text` that is a proper prefix of a stop string."""
+        for n in range(min(len(self.text), max((len(s) for s in self.stop), default=1) - 1), 0, -1):
+            tail = self.text[-n:]
+            if any(s.startswith(tail) for s in self.stop):
+                return n
+        return 0
+
+    def _emit(self, hold: int) -> str:
+        end = max(self.sent, len(self.text) - hold)
+        delta, self.sent = self.text[self.sent : end], end
+        return delta
+
+    def flush(self) -> str:
+        """All text not yet emitted (call when the sequence finishes)."""
+        return self._emit(0)

@@ -1,0 +1,295 @@
+"""The serving engine: add requests, step the batch, stream outputs, abort.
+
+`Engine.step()` runs one forward pass over everything the scheduler picked and puts one
+`StepOutput` per advanced choice on its request's queue. It is safe to call `add_request`
+and `abort` from other threads while one thread steps (one lock; an abort waits at most one
+step and frees the request's blocks before it returns).
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import secrets
+import threading
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from serve.detokenizer import TextStream
+from serve.kv_cache import BlockPool
+from serve.llama import AttentionBatch, KVPool, LlamaModel, PrefillSpan
+from serve.loader import load_model
+from serve.prefix_cache import ImageSpan
+from serve.sampler import SamplingParams, sample
+from serve.scheduler import Request, Scheduler, Sequence, Status, TokenMask, Work
+
+
+@dataclass
+class StepOutput:
+    """One new token of one choice (plus the usage when the whole request is done)."""
+
+    request_id: str
+    index: int
+    token_id: int
+    text: str
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] = field(default_factory=list)
+    finish_reason: str | None = None  # "stop" | "length" when this choice ended
+    usage: dict | None = None  # on the request's last output
+
+
+@dataclass
+class Completion:
+    """A finished choice, collected by `Engine.generate`."""
+
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None
+    logprobs: list[float | None]
+    top_logprobs: list[list[tuple[int, float]]]
+    usage: dict | None
+
+
+class Engine:
+    def __init__(
+        self,
+        model: LlamaModel,
+        tokenizer=None,
+        num_blocks: int | None = None,
+        kv_memory_bytes: int = 1 << 30,
+        block_size: int = 16,
+        max_tokens_per_step: int = 512,
+        max_seqs: int = 64,
+        eos_token_ids: Seq[int] | None = None,
+    ):
+        self.model, self.tokenizer, self.args = model, tokenizer, model.args
+        a = self.args
+        bytes_per_block = 2 * a.num_layers * a.num_kv_heads * a.head_dim * 4 * block_size
+        num_blocks = num_blocks or max(1, kv_memory_bytes // bytes_per_block)
+        self.kv = KVPool(a, num_blocks * block_size, dtype=model.embed.weight.dtype)
+        self.pool = BlockPool(num_blocks, block_size)
+        self.scheduler = Scheduler(self.pool, max_tokens_per_step, max_seqs)
+        self.eos = set(a.eos_token_ids if eos_token_ids is None else eos_token_ids)
+        self.requests: dict[str, Request] = {}
+        self._ids = itertools.count()
+        self._lock = threading.RLock()
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | Path, **kwargs) -> Engine:
+        """Model and tokenizer (`tokenizer.json`, via the `tokenizers` library) from a directory."""
+        model = load_model(model_dir)
+        tok_file = Path(model_dir) / "tokenizer.json"
+        tokenizer = None
+        if tok_file.is_file():
+            from tokenizers import Tokenizer
+
+            tokenizer = Tokenizer.from_file(str(tok_file))
+        return cls(model, tokenizer, **kwargs)
+
+    # ---- requests -------------------------------------------------------------------------
+
+    def add_request(
+        self,
+        prompt: Seq[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+        salt: str = "",
+        images: Seq[ImageSpan] = (),
+        token_mask: TokenMask | None = None,
+        queue_size: int = 0,
+    ) -> Request:
+        """Queue a request; read its outputs from `request.outputs` (bounded by `queue_size`,
+        0 = unbounded; a full queue pauses only this request). Raises ValueError for a
+        request that is invalid or could never fit."""
+        prompt = [int(t) for t in prompt]
+        ctx = self.args.max_position_embeddings
+        if not prompt:
+            raise ValueError("prompt is empty")
+        if min(prompt) < 0 or max(prompt) >= self.args.vocab_size:
+            raise ValueError(f"prompt has token ids outside [0, {self.args.vocab_size})")
+        if len(prompt) >= ctx:
+            raise ValueError(f"prompt has {len(prompt)} tokens; the context length is {ctx}")
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer; this engine has none")
+        if queue_size and queue_size < params.n:
+            raise ValueError(
+                f"queue_size {queue_size} cannot hold one output of each of n={params.n}"
+            )
+        max_len = min(len(prompt) + params.max_tokens, ctx)
+        self.scheduler.check_fits(len(prompt), max_len)
+        with self._lock:
+            rid = request_id or f"req-{next(self._ids)}"
+            if rid in self.requests:
+                raise ValueError(f"request id '{rid}' is already running")
+            req = Request(
+                rid, prompt, params, salt, tuple(images), token_mask, queue.Queue(queue_size)
+            )
+            base_seed = params.seed if params.seed is not None else secrets.randbits(62)
+            for i in range(params.n):
+                gen = None
+                if not params.greedy:
+                    gen = torch.Generator().manual_seed(base_seed + i)
+                text = TextStream(self.tokenizer, params.stop) if self.tokenizer else None
+                seq = Sequence(req, i, list(prompt), max_len, gen, text)
+                req.seqs.append(seq)
+                self.scheduler.waiting.append(seq)
+            self.requests[rid] = req
+            return req
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request now and free its KV blocks; False if it is not running."""
+        with self._lock:
+            req = self.requests.pop(request_id, None)
+            if req is None:
+                return False
+            for seq in req.seqs:
+                self.scheduler.finish(seq, "abort")
+            return True
+
+    def has_work(self) -> bool:
+        return bool(self.scheduler.waiting or self.scheduler.running)
+
+    # ---- stepping -------------------------------------------------------------------------
+
+    def _batch(self, work: list[Work]) -> tuple[torch.Tensor, AttentionBatch]:
+        """Flat tokens [N] and their attention layout; decodes first, then prefill chunks."""
+        bs = self.pool.block_size
+        work.sort(key=lambda w: w.count > 1)
+        tokens, positions, spans, logit_rows = [], [], [], []
+        decodes = [w for w in work if w.count == 1]
+        for w in work:
+            start_row = len(tokens)
+            tokens += w.seq.tokens[w.start : w.start + w.count]
+            positions += range(w.start, w.start + w.count)
+            if w.samples:
+                logit_rows.append(len(tokens) - 1)
+            if w.count > 1:
+                ctx = w.start + w.count
+                mask = None
+                if w.start:
+                    mask = torch.arange(ctx)[None, :] <= torch.arange(w.start, ctx)[:, None]
+                spans.append(PrefillSpan(start_row, w.count, self._slots(w.seq.blocks, ctx), mask))
+        pos = torch.tensor(positions)
+        blocks_of_token = torch.tensor(
+            [w.seq.blocks[p // bs] for w in work for p in range(w.start, w.start + w.count)]
+        )
+        slots = blocks_of_token * bs + pos % bs
+        decode_slots = decode_mask = None
+        if decodes:
+            lens = [w.start + 1 for w in decodes]
+            width = max(len(w.seq.blocks) for w in decodes)
+            table = torch.tensor(
+                [w.seq.blocks + [0] * (width - len(w.seq.blocks)) for w in decodes]
+            )
+            decode_slots = (table[:, :, None] * bs + torch.arange(bs)).flatten(1)[:, : max(lens)]
+            if min(lens) != max(lens):
+                decode_mask = (torch.arange(max(lens)) < torch.tensor(lens)[:, None])[:, None, None]
+        batch = AttentionBatch(
+            positions=pos,
+            slots=slots,
+            num_decode=len(decodes),
+            decode_slots=decode_slots,
+            decode_mask=decode_mask,
+            prefills=spans,
+            logit_rows=torch.tensor(logit_rows, dtype=torch.long),
+        )
+        return torch.tensor(tokens), batch
+
+    def _slots(self, blocks: list[int], length: int) -> torch.Tensor:
+        bs = self.pool.block_size
+        return (torch.tensor(blocks)[:, None] * bs + torch.arange(bs)).flatten()[:length]
+
+    def step(self) -> list[StepOutput]:
+        """Run one batched forward pass; returns (and enqueues) the new outputs."""
+        with self._lock:
+            work = self.scheduler.schedule()
+            if not work:
+                return []
+            tokens, batch = self._batch(work)
+            logits = self.model(tokens, batch, self.kv)
+            self.scheduler.commit(work)
+            sampling = [w.seq for w in work if w.samples]
+            if not sampling:  # only partial prefill chunks ran
+                return []
+            masks = [
+                s.request.token_mask(s.generated) if s.request.token_mask else None
+                for s in sampling
+            ]
+            choices = sample(
+                logits,
+                [s.request.params for s in sampling],
+                [s.generator for s in sampling],
+                masks,
+            )
+            return [self._advance(s, c) for s, c in zip(sampling, choices, strict=True)]
+
+    def _advance(self, seq: Sequence, choice) -> StepOutput:
+        req, params = seq.request, seq.request.params
+        tok = choice.token_id
+        seq.tokens.append(tok)
+        text, reason = "", None
+        if seq.text is not None:
+            text, hit = seq.text.add(tok)
+            reason = "stop" if hit else None
+        if reason is None and (
+            tok in params.stop_token_ids or (tok in self.eos and not params.ignore_eos)
+        ):
+            reason = "stop"
+        if reason is None and len(seq.tokens) >= seq.max_len:
+            reason = "length"
+        if reason is not None:
+            if seq.text is not None:
+                text += seq.text.flush()
+            self.scheduler.finish(seq, reason)
+        out = StepOutput(req.request_id, seq.index, tok, text, choice.logprob, choice.top, reason)
+        if all(s.status is Status.FINISHED for s in req.seqs):
+            out.usage = self.usage(req)
+            self.requests.pop(req.request_id, None)
+        req.outputs.put_nowait(out)
+        return out
+
+    def usage(self, req: Request) -> dict:
+        return {
+            "prompt_tokens": len(req.prompt),
+            "completion_tokens": sum(len(s.generated) for s in req.seqs),
+            "cached_tokens": req.cached_tokens,
+            "cache_creation_tokens": req.cache_creation_tokens,
+        }
+
+    # ---- convenience ----------------------------------------------------------------------
+
+    def generate(
+        self, prompts: Seq[Seq[int]], params: SamplingParams, **kwargs
+    ) -> list[list[Completion]]:
+        """Run `prompts` together to completion; per prompt, its `params.n` completions."""
+        reqs = [self.add_request(p, params, **kwargs) for p in prompts]
+        while self.has_work():
+            self.step()
+        return [self.collect(r) for r in reqs]
+
+    @staticmethod
+    def collect(req: Request) -> list[Completion]:
+        """Drain a finished request's queue into one `Completion` per choice."""
+        per: list[list[StepOutput]] = [[] for _ in req.seqs]
+        usage = None
+        while True:
+            try:
+                out = req.outputs.get_nowait()
+            except queue.Empty:
+                break
+            per[out.index].append(out)
+            usage = out.usage or usage
+        return [
+            Completion(
+                token_ids=[o.token_id for o in outs],
+                text="".join(o.text for o in outs),
+                finish_reason=outs[-1].finish_reason if outs else None,
+                logprobs=[o.logprob for o in outs],
+                top_logprobs=[o.top_logprobs for o in outs],
+                usage=usage,
+            )
+            for outs in per
+        ]

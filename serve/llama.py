@@ -1,0 +1,161 @@
+"""Compact Llama-family decoder (Llama, SmolLM, Qwen2, Mistral) that runs over a paged KV cache.
+
+One forward call takes a flat, unpadded list of tokens from many sequences — decode tokens
+(one per sequence) first, then prefill chunks — so the linear layers always run on exactly
+the tokens that need computing. Only attention looks at sequences: decode tokens attend
+together (padded to the longest context), each prefill chunk attends on its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from serve.model_args import ModelArgs
+
+
+@dataclass
+class PrefillSpan:
+    """One sequence's prefill chunk inside the flat token list."""
+
+    token_start: int  # index of the chunk's first token in the flat list
+    num_tokens: int  # T
+    context_slots: torch.Tensor  # [L] KV slots of positions 0..L-1, L = start_pos + T
+    mask: torch.Tensor | None  # [T, L] bool (True = attend); None when start_pos == 0 (causal)
+
+
+@dataclass
+class AttentionBatch:
+    """Where one forward step's tokens sit in the KV pool and what they attend to."""
+
+    positions: torch.Tensor  # [N] position of each token in its sequence
+    slots: torch.Tensor  # [N] KV slot each token's key/value is written to
+    num_decode: int  # B: the first B tokens are single decode tokens of B sequences
+    decode_slots: torch.Tensor | None  # [B, L] context slots, padded with slot 0
+    decode_mask: torch.Tensor | None  # [B, 1, 1, L] bool, None when no padding is needed
+    prefills: list[PrefillSpan]
+    logit_rows: torch.Tensor | None  # [S] tokens whose logits are wanted; None = all
+
+
+def rope_tables(args: ModelArgs) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of every position's RoPE angles, each [max_position_embeddings, head_dim/2]."""
+    positions = torch.arange(args.max_position_embeddings, dtype=torch.float32)
+    freqs = torch.outer(positions, args.inv_freq())
+    return freqs.cos(), freqs.sin()
+
+
+class KVPool:
+    """Preallocated key/value storage, `[layers, slots, kv_heads, head_dim]` each, so shapes never change."""
+
+    def __init__(self, args: ModelArgs, num_slots: int, dtype: torch.dtype = torch.float32):
+        shape = (args.num_layers, num_slots, args.num_kv_heads, args.head_dim)
+        # Zeros, not empty: padded decode rows read slot 0 under a mask, and 0 * NaN would leak.
+        self.k = torch.zeros(shape, dtype=dtype)
+        self.v = torch.zeros(shape, dtype=dtype)
+
+    @property
+    def bytes_per_slot(self) -> int:
+        return 2 * self.k[:, 0].numel() * self.k.element_size()
+
+
+class Block(nn.Module):
+    """One decoder layer with fused q/k/v and gate/up projections (fewer, larger GEMVs)."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        d, hd = args.hidden_size, args.head_dim
+        self.q_size, self.kv_size = args.num_heads * hd, args.num_kv_heads * hd
+        self.attn_norm = nn.Parameter(torch.ones(d))
+        self.mlp_norm = nn.Parameter(torch.ones(d))
+        self.qkv = nn.Linear(d, self.q_size + 2 * self.kv_size, bias=args.attention_bias)
+        self.o = nn.Linear(self.q_size, d, bias=args.attention_bias)
+        self.gate_up = nn.Linear(d, 2 * args.intermediate_size, bias=args.mlp_bias)
+        self.down = nn.Linear(args.intermediate_size, d, bias=args.mlp_bias)
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.embed = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = nn.ModuleList(Block(args) for _ in range(args.num_layers))
+        self.norm = nn.Parameter(torch.ones(args.hidden_size))
+        self.lm_head = (
+            None
+            if args.tie_word_embeddings
+            else nn.Linear(args.hidden_size, args.vocab_size, False)
+        )
+        cos, sin = rope_tables(args)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Rotate-half RoPE (the HF layout); x [N, heads, head_dim], cos/sin [N, 1, head_dim/2]."""
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+    def _attend(
+        self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, batch: AttentionBatch
+    ) -> torch.Tensor:
+        """q [N, H, hd] → [N, H * hd], reading keys/values of one layer from the pool."""
+        a = self.args
+        group = a.num_heads // a.num_kv_heads
+        outs = []
+        if batch.num_decode:
+            b = batch.num_decode
+            # The heads sharing a KV head act as that head's "query positions": one SDPA call
+            # covers GQA without repeating keys.
+            qd = q[:b].view(b, a.num_kv_heads, group, a.head_dim)
+            kd = k_pool[batch.decode_slots].transpose(1, 2)  # [B, K, L, hd]
+            vd = v_pool[batch.decode_slots].transpose(1, 2)
+            out = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=batch.decode_mask)
+            outs.append(out.reshape(b, -1))
+        for span in batch.prefills:
+            t = span.num_tokens
+            qp = q[span.token_start : span.token_start + t].transpose(0, 1)[None]  # [1, H, T, hd]
+            kp = k_pool[span.context_slots].transpose(0, 1)[None]  # [1, K, L, hd]
+            vp = v_pool[span.context_slots].transpose(0, 1)[None]
+            out = F.scaled_dot_product_attention(
+                qp, kp, vp, attn_mask=span.mask, is_causal=span.mask is None, enable_gqa=True
+            )
+            outs.append(out[0].transpose(0, 1).reshape(t, -1))
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        batch: AttentionBatch,
+        kv: KVPool,
+        input_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """tokens [N] → logits [S, vocab] for `batch.logit_rows` (all N when None).
+
+        `input_embeds` [N, d] replaces the token embeddings (a VLM splices image features in).
+        Writes each token's key/value into `kv` at `batch.slots`.
+        """
+        a = self.args
+        n = tokens.shape[0]
+        h = self.embed(tokens) if input_embeds is None else input_embeds  # [N, d]
+        cos = self.cos[batch.positions].unsqueeze(1)  # [N, 1, hd/2]
+        sin = self.sin[batch.positions].unsqueeze(1)
+        eps = a.rms_norm_eps
+        for i, layer in enumerate(self.layers):
+            x = F.rms_norm(h, (a.hidden_size,), layer.attn_norm, eps)
+            q, k, v = layer.qkv(x).split([layer.q_size, layer.kv_size, layer.kv_size], dim=-1)
+            q = self._rope(q.view(n, a.num_heads, a.head_dim), cos, sin)
+            k = self._rope(k.view(n, a.num_kv_heads, a.head_dim), cos, sin)
+            kv.k[i].index_copy_(0, batch.slots, k)
+            kv.v[i].index_copy_(0, batch.slots, v.view(n, a.num_kv_heads, a.head_dim))
+            h = h + layer.o(self._attend(q, kv.k[i], kv.v[i], batch))
+            x = F.rms_norm(h, (a.hidden_size,), layer.mlp_norm, eps)
+            gate, up = layer.gate_up(x).chunk(2, dim=-1)
+            h = h + layer.down(F.silu(gate) * up)
+        if batch.logit_rows is not None:
+            h = h[batch.logit_rows]
+        h = F.rms_norm(h, (a.hidden_size,), self.norm, eps)
+        head = self.embed.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(h, head)  # [S, vocab]

@@ -1,0 +1,115 @@
+"""Sampling parameters and next-token selection with logprobs."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+MAX_TOP_LOGPROBS = 20
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request decoding settings (OpenAI semantics); validated on construction."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    seed: int | None = None  # same seed, same prompt, same model → same output
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    n: int = 1
+    logprobs: bool = False  # report the chosen token's logprob
+    top_logprobs: int = 0  # and this many top alternatives (≤ 20)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        object.__setattr__(self, "stop", tuple(self.stop))
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        checks = [
+            (self.max_tokens >= 1, f"max_tokens must be >= 1, got {self.max_tokens}"),
+            (self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
+            (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
+            (self.top_k >= 0, f"top_k must be >= 0 (0 = off), got {self.top_k}"),
+            (self.n >= 1, f"n must be >= 1, got {self.n}"),
+            (
+                0 <= self.top_logprobs <= MAX_TOP_LOGPROBS,
+                f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs}",
+            ),
+            (all(s for s in self.stop), "stop strings must be non-empty"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass
+class Choice:
+    """One sampled token with its logprob and the top alternatives (empty unless asked)."""
+
+    token_id: int
+    logprob: float | None = None
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Temperature, top-k and top-p applied to one row of logits [V] (masked entries → -inf)."""
+    x = logits / params.temperature
+    if params.top_k and params.top_k < x.shape[-1]:
+        kth = torch.topk(x, params.top_k).values[-1]
+        x = x.masked_fill(x < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_x, order = torch.sort(x, descending=True)
+        probs = sorted_x.softmax(-1)
+        # Drop a token when the tokens before it already reach top_p (the first always stays).
+        drop = (probs.cumsum(-1) - probs) >= params.top_p
+        x = x.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
+    return x
+
+
+def sample(
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    generators: Sequence[torch.Generator | None],
+    masks: Sequence[torch.Tensor | None],
+) -> list[Choice]:
+    """Pick one token per row of `logits` [S, V].
+
+    `masks[i]` ([V] bool, True = allowed) is a request's token constraint, applied before
+    sampling. Reported logprobs are the model's own distribution (log_softmax of the raw
+    logits), as OpenAI reports them, independent of temperature and constraints.
+    """
+    logits = logits.float()
+    constrained = logits
+    if any(m is not None for m in masks):
+        constrained = logits.clone()
+        for i, m in enumerate(masks):
+            if m is not None:
+                constrained[i].masked_fill_(~m, float("-inf"))
+    chosen = constrained.argmax(-1).tolist()  # greedy rows, in one call
+    for i, p in enumerate(params):
+        if not p.greedy:
+            probs = filter_logits(constrained[i], p).softmax(-1)
+            chosen[i] = int(torch.multinomial(probs, 1, generator=generators[i]))
+    want = [i for i, p in enumerate(params) if p.logprobs or p.top_logprobs]
+    choices = [Choice(t) for t in chosen]
+    if want:
+        logp = torch.log_softmax(logits[want], dim=-1)
+        k = max(params[i].top_logprobs for i in want)
+        top = torch.topk(logp, k) if k else None
+        for r, i in enumerate(want):
+            choices[i].logprob = float(logp[r, chosen[i]])
+            if k:
+                n = params[i].top_logprobs
+                ids, vals = top.indices[r, :n].tolist(), top.values[r, :n].tolist()
+                choices[i].top = list(zip(ids, vals, strict=True))
+    return choices

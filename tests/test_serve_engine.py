@@ -1,0 +1,163 @@
+"""Engine behaviour on a tiny random Llama saved with save_pretrained and loaded like the server does."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from distill.models.tiny import save_tiny_llama
+from serve.engine import Engine
+from serve.sampler import SamplingParams
+
+VOCAB = 320
+GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    # A wide init so the random model's greedy outputs vary instead of repeating one token.
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny"), vocab_size=VOCAB, initializer_range=0.3)
+
+
+def prompts(n: int, seed: int = 0, lo: int = 3, hi: int = 40) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(lo, hi, (n,), generator=g).tolist()
+    return [torch.randint(0, VOCAB, (k,), generator=g).tolist() for k in lengths]
+
+
+def one_at_a_time(engine: Engine, ps, params=GREEDY) -> list[list[int]]:
+    return [engine.generate([p], params)[0][0].token_ids for p in ps]
+
+
+def test_greedy_same_with_and_without_batching_and_prefix_cache(model_dir):
+    shared = prompts(1, seed=5, lo=40, hi=41)[0]
+    ps = [shared + p for p in prompts(5, seed=6)] + prompts(3, seed=7)
+    alone = one_at_a_time(Engine.from_pretrained(model_dir, num_blocks=64, block_size=8), ps)
+    assert len({tuple(t) for t in alone}) > 1
+    # Batched, with small chunks so prompts prefill over several steps beside running decodes.
+    engine = Engine.from_pretrained(model_dir, num_blocks=128, block_size=8, max_tokens_per_step=16)
+    first = engine.generate(ps, GREEDY)
+    assert [c[0].token_ids for c in first] == alone
+    # Again on the warm engine: prompts now reuse cached blocks.
+    second = engine.generate(ps, GREEDY)
+    assert [c[0].token_ids for c in second] == alone
+    assert all(c[0].usage["cached_tokens"] >= 40 for c in second[:5])
+    assert first[0][0].usage["cache_creation_tokens"] >= 40
+
+
+def test_cached_prefix_prefills_only_the_rest(model_dir):
+    engine = Engine.from_pretrained(model_dir, num_blocks=64, block_size=8)
+    p = prompts(1, seed=3, lo=30, hi=31)[0]
+    cold = engine.generate([p], GREEDY)[0][0]
+    warm = engine.generate([p], GREEDY)[0][0]
+    assert cold.usage["cached_tokens"] == 0 and cold.usage["cache_creation_tokens"] == 30
+    # 29 usable tokens → 3 full blocks of 8 reused; the last token is always recomputed.
+    assert warm.usage["cached_tokens"] == 24 and warm.usage["cache_creation_tokens"] == 0
+    assert warm.token_ids == cold.token_ids
+    other_tenant = engine.generate([p], GREEDY, salt="tenant-b")[0][0]
+    assert other_tenant.usage["cached_tokens"] == 0
+
+
+def test_abort_frees_blocks_at_once(model_dir):
+    engine = Engine.from_pretrained(model_dir, num_blocks=32, block_size=8)
+    total = engine.pool.num_available()
+    req = engine.add_request(
+        prompts(1, lo=30, hi=31)[0], SamplingParams(max_tokens=50, temperature=0)
+    )
+    for _ in range(3):
+        engine.step()
+    assert engine.pool.num_available() < total
+    assert engine.abort(req.request_id)
+    assert engine.pool.num_available() == total
+    assert not engine.has_work() and engine.step() == []
+    assert not engine.abort(req.request_id)
+
+
+def test_paused_request_does_not_block_others(model_dir):
+    engine = Engine.from_pretrained(model_dir, num_blocks=64, block_size=8)
+    slow = engine.add_request([1, 2, 3], GREEDY, queue_size=2)
+    fast = engine.add_request([4, 5, 6], GREEDY)
+    for _ in range(8):
+        engine.step()
+    assert slow.outputs.qsize() == 2 and slow.paused  # not consumed: paused after 2 tokens
+    assert fast.outputs.qsize() == 8
+    slow.outputs.get_nowait()  # the consumer reads one → the request runs one more step
+    engine.step()
+    assert slow.outputs.qsize() == 2 and fast.outputs.qsize() == 9
+    while engine.has_work():
+        engine.step()
+        while not slow.outputs.empty():
+            slow.outputs.get_nowait()
+    assert fast.seqs[0].finish_reason == "length"
+
+
+def test_seeded_sampling_is_reproducible(model_dir):
+    engine = Engine.from_pretrained(model_dir, num_blocks=64, block_size=8)
+    p = prompts(1, seed=9)[0]
+
+    def run(seed, **kw):
+        params = SamplingParams(max_tokens=16, temperature=1.0, seed=seed, ignore_eos=True, **kw)
+        return [c.token_ids for c in engine.generate([p], params)[0]]
+
+    assert run(1) == run(1)
+    assert run(1) != run(2)
+    n3 = run(4, n=3, top_k=50, top_p=0.9)
+    assert n3 == run(4, n=3, top_k=50, top_p=0.9) and len({tuple(c) for c in n3}) == 3
+
+
+def test_token_mask_hook_constrains_sampling(model_dir):
+    engine = Engine.from_pretrained(model_dir, num_blocks=64, block_size=8)
+    allowed = torch.zeros(VOCAB, dtype=torch.bool)
+    allowed[[7, 11, 13]] = True
+    seen = []
+
+    def mask(generated):
+        seen.append(list(generated))
+        return allowed
+
+    for temperature in (0.0, 1.0):
+        params = SamplingParams(max_tokens=6, temperature=temperature, seed=0, ignore_eos=True)
+        req = engine.add_request([1, 2, 3], params, token_mask=mask)
+        while engine.has_work():
+            engine.step()
+        assert set(Engine.collect(req)[0].token_ids) <= {7, 11, 13}
+    assert seen[1] == seen[0] + seen[1][-1:] or len(seen[1]) == 1  # hook sees the tokens so far
+
+
+def test_stop_token_ids_max_tokens_and_length(model_dir):
+    engine = Engine.from_pretrained(model_dir, num_blocks=64, block_size=8)
+    p = prompts(1, seed=11)[0]
+    (free,) = engine.generate([p], GREEDY)[0]
+    assert free.finish_reason == "length" and len(free.token_ids) == 12
+    stop_at = free.token_ids[4]
+    params = SamplingParams(max_tokens=12, temperature=0, stop_token_ids=(stop_at,))
+    (stopped,) = engine.generate([p], params)[0]
+    assert stopped.finish_reason == "stop"
+    assert stopped.token_ids == free.token_ids[: free.token_ids.index(stop_at) + 1]
+
+
+def test_memory_budget_waits_or_rejects(model_dir):
+    engine = Engine.from_pretrained(model_dir, num_blocks=6, block_size=8)  # 48 tokens
+    with pytest.raises(ValueError, match="KV blocks"):
+        engine.add_request([1] * 30, SamplingParams(max_tokens=30))
+    a = engine.add_request([1] * 20, SamplingParams(max_tokens=12, temperature=0))  # 4 blocks
+    b = engine.add_request([2] * 20, SamplingParams(max_tokens=12, temperature=0))
+    engine.step()
+    assert a.seqs[0].status.value == "running" and b.seqs[0].status.value == "waiting"
+    while engine.has_work():
+        engine.step()
+    assert len(Engine.collect(b)[0].token_ids) == 12
+
+
+def test_invalid_requests_get_clear_errors(model_dir):
+    engine = Engine.from_pretrained(model_dir, num_blocks=8, block_size=8)
+    with pytest.raises(ValueError, match="empty"):
+        engine.add_request([], GREEDY)
+    with pytest.raises(ValueError, match="outside"):
+        engine.add_request([VOCAB], GREEDY)
+    with pytest.raises(ValueError, match="tokenizer"):
+        engine.add_request([1], SamplingParams(stop=("x",)))
+    with pytest.raises(ValueError, match="top_logprobs"):
+        SamplingParams(top_logprobs=21)
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingParams(temperature=-1)
