@@ -1,0 +1,62 @@
+"""Block keys are content addresses; the block pool refcounts, shares and evicts LRU."""
+
+from __future__ import annotations
+
+import pytest
+
+from serve.kv_cache import BlockPool
+from serve.prefix_cache import ImageSpan, block_keys, image_digest
+
+TOKENS = list(range(100, 164))  # 4 blocks of 16
+
+
+def test_changing_any_token_changes_its_block_key_and_all_later_ones():
+    base = block_keys(TOKENS, 16)
+    assert len(base) == 4 and len(set(base)) == 4
+    for i in (0, 17, 40, 63):
+        changed = list(TOKENS)
+        changed[i] += 1
+        keys = block_keys(changed, 16)
+        b = i // 16
+        assert keys[:b] == base[:b]
+        assert all(k != o for k, o in zip(keys[b:], base[b:], strict=True))
+
+
+def test_image_bytes_and_tenant_salt_change_keys():
+    png = bytes(range(256)) * 4
+    span = ImageSpan(20, 36, image_digest(png))  # covers blocks 1 and 2
+    with_image = block_keys(TOKENS, 16, images=[span])
+    flipped = bytearray(png)
+    flipped[100] ^= 1
+    other = block_keys(TOKENS, 16, images=[ImageSpan(20, 36, image_digest(bytes(flipped)))])
+    plain = block_keys(TOKENS, 16)
+    assert with_image[0] == other[0] == plain[0]  # block 0 covers no image
+    assert with_image[1] != other[1] and with_image[1] != plain[1]
+    assert with_image[3] != other[3]  # chained: later blocks differ too
+    assert block_keys(TOKENS, 16, salt="a") != block_keys(TOKENS, 16, salt="b")
+    # Resuming the chain from a parent gives the same keys as hashing from the start.
+    assert block_keys(TOKENS, 16, parent=plain[1], first_block=2) == plain[2:]
+
+
+def test_refcounts_sharing_and_lru_eviction():
+    pool = BlockPool(num_blocks=4, block_size=16)
+    keys = block_keys(TOKENS, 16)
+    a = [pool.allocate() for _ in range(2)]
+    for b, k in zip(a, keys, strict=False):
+        assert pool.register(b, k)
+    assert not pool.register(pool.allocate(), keys[0])  # same content already cached
+    assert pool.lookup(keys) == a  # longest cached prefix
+    pool.acquire(a)  # a second sequence shares both blocks
+    pool.release(a)
+    assert pool.num_available() == 1  # still used by the first sequence
+    pool.release(a)
+    assert pool.num_available() == 3 and pool.num_cached() == 2  # cached, evictable
+    # Fresh allocations use free blocks first, then evict the chain's tail before its head.
+    pool.allocate()
+    assert pool.lookup(keys) == a
+    pool.allocate()
+    assert pool.lookup(keys) == a[:1]
+    pool.allocate()
+    assert pool.lookup(keys) == [] and pool.num_available() == 0
+    with pytest.raises(MemoryError):
+        pool.allocate()
