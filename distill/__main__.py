@@ -17,6 +17,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "top-k teacher log-probs for the training set (offline KD)",
     ),
     "eval": ("distill.commands.eval", "main", "student vs teacher: coherence, VQA, speed → report"),
+    "export": (
+        "distill.commands.export",
+        "main",
+        "HF dir + serving.json (quant=none|int8: compressed-tensors INT8)",
+    ),
 }
 
 

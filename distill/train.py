@@ -154,6 +154,15 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     results = compare({"teacher": teacher}, data, cfg.eval_batch_size) | pruned_only
     results |= compare({"student (distilled)": student}, data, cfg.eval_batch_size)
 
+    if cfg.get("quant") and cfg.quant.method != "none":  # quant=ptq-int8 | qat-int8
+        from distill.quant_stage import quant_stage
+
+        t = time.perf_counter()
+        results |= compare(
+            quant_stage(cfg, teacher, student, data, run_dir), data, cfg.eval_batch_size
+        )
+        stage_seconds["quant"] = time.perf_counter() - t
+
     t = time.perf_counter()
     from eval.stage import eval_stage  # lazy: the eval stack loads only when this stage runs
 

@@ -5,7 +5,9 @@ The scheme (shared by QAT, PTQ, the export and the runtime) is W8A8-int:
     scale = max|w_row| / 127.5, q = clamp(round(w / scale), -128, 127)  — the same formula as
     torchao's fake quantizer and compressed-tensors' `calculate_qparams`, so a QAT-trained
     weight lands on exactly the grid the export writes.
-  * activations: int8, dynamic (computed per call).
+  * activations: int8, asymmetric, dynamic per token (scale + zero point computed per call
+    for each token's row; torchao's QAT fake quantizer implements only the asymmetric
+    per-token variant, so the export follows it).
 
 Fast path: fbgemm's dynamic int8 linear (`torch.ops.quantized.linear_dynamic`, the kernel
 behind `torch.ao` dynamic quantization). Measured on this 2-core AVX2 CPU at batch 1 it ran
@@ -14,7 +16,7 @@ SmolLM2 shapes 2–8× faster than fp32 (the 576×49152 lm_head 8.6×); torchao'
 exposes fbgemm with a plain (int8 weight, scale) interface, hence this small wrapper.
 
 Numerics of the fast path differ slightly from the reference (dequantized weight, per-token
-symmetric activation fake-quant): fbgemm quantizes activations per call with one asymmetric
+activation fake-quant): fbgemm quantizes activations per call with one asymmetric
 uint8 scale over the whole (tokens, features) matrix, with `reduce_range` (7-bit) on x86 to
 avoid int16 overflow. At batch-1 decode that is one token per call. `Int8Linear.reference`
 keeps the exact reference for checks.
@@ -51,9 +53,18 @@ def dequantize_weight(q: Tensor, scale: Tensor) -> Tensor:
 
 
 def fake_quantize_per_token(x: Tensor) -> Tensor:
-    """Symmetric int8 per-token dynamic fake quant of activations x (..., features)."""
-    scale = (x.abs().amax(dim=-1, keepdim=True) / ((QMAX - QMIN) / 2)).clamp_min(_EPS)
-    return torch.clamp(torch.round(x / scale), QMIN, QMAX) * scale
+    """Asymmetric int8 per-token dynamic fake quant of activations x (..., features).
+
+    scale = (max - min) / 255 over each token's row (range widened to include 0),
+    zero_point = round(-128 - min / scale): compressed-tensors' dynamic `token` formula, and
+    torchao's per-token QAT fake quantizer (which only implements the asymmetric variant).
+    """
+    lo = x.amin(dim=-1, keepdim=True).clamp_max(0)
+    hi = x.amax(dim=-1, keepdim=True).clamp_min(0)
+    scale = ((hi - lo) / (QMAX - QMIN)).clamp_min(_EPS)
+    zero_point = torch.clamp(torch.round(QMIN - lo / scale), QMIN, QMAX)
+    q = torch.clamp(torch.round(x / scale) + zero_point, QMIN, QMAX)
+    return (q - zero_point) * scale
 
 
 def fbgemm_available() -> bool:

@@ -29,10 +29,11 @@ def test_quantize_weight_is_per_row_symmetric_int8():
 
 
 def test_fake_quantize_per_token_is_per_row():
-    x = torch.tensor([[1.0, -0.5, 0.25], [100.0, 3.0, -50.0]])
+    x = torch.tensor([[1.0, -0.5, 0.25], [100.0, 3.0, -50.0], [0.0, 2.0, 4.0]])
     y = fake_quantize_per_token(x)
-    assert torch.allclose(y[0], x[0], atol=1.0 / 127.5)  # small row keeps its own fine scale
-    assert torch.allclose(y[1], x[1], atol=100.0 / 127.5)
+    assert torch.allclose(y[0], x[0], atol=0.5 * 1.5 / 255)  # each row keeps its own scale
+    assert torch.allclose(y[1], x[1], atol=0.5 * 150.0 / 255)
+    assert y[2, 0] == 0.0  # zero is exactly representable (asymmetric range includes 0)
 
 
 @pytest.mark.skipif(not fbgemm_available(), reason="this torch build has no x86/fbgemm engine")

@@ -1,0 +1,69 @@
+"""`python -m distill export checkpoint=<dir> quant=none|int8 output_dir=<dir>`
+
+Writes a servable HF directory: config, safetensors (INT8 in compressed-tensors format),
+tokenizer/processor with the chat template, serving.json (see serve/export_format.py).
+
+Other keys: tokenizer=<dir> (when the checkpoint has none), quant.<knob>=… (scheme for
+int8 of an fp32 checkpoint, configs/quant/ptq-int8.yaml: embeddings, lm_head, exclude) and
+serving.<knob>=… (configs/serve/serving.yaml: model, context_length, pricing.*, limits.*).
+"""
+
+from __future__ import annotations
+
+from omegaconf import OmegaConf
+
+from distill.paths import configs_dir
+
+ARGS = ("checkpoint", "quant", "output_dir", "tokenizer")
+
+
+def parse_args(argv: list[str]) -> tuple[dict[str, str], list[str], list[str]]:
+    """(this command's args, quant.* overrides, serving.* overrides)."""
+    args: dict[str, str] = {}
+    quant_overrides, serving_overrides = [], []
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if not sep:
+            raise SystemExit(f"expected key=value, got '{arg}' (keys: {', '.join(ARGS)})")
+        if key in ARGS:
+            args[key] = value
+        elif key.startswith("quant."):
+            quant_overrides.append(arg.removeprefix("quant."))
+        elif key.startswith("serving."):
+            serving_overrides.append(arg.removeprefix("serving."))
+        else:
+            raise SystemExit(
+                f"unknown argument '{key}'; use {', '.join(ARGS)}, quant.<knob> or serving.<knob>"
+            )
+    for required in ("checkpoint", "output_dir"):
+        if required not in args:
+            raise SystemExit(f"export needs {required}=<dir>")
+    return args, quant_overrides, serving_overrides
+
+
+def main(argv: list[str]) -> int:
+    from distill.export import export
+    from distill.quant import build_scheme
+
+    args, quant_overrides, serving_overrides = parse_args(argv)
+    scheme_cfg = OmegaConf.merge(
+        OmegaConf.load(configs_dir() / "quant" / "ptq-int8.yaml"),
+        OmegaConf.from_dotlist(quant_overrides),
+    )
+    serving_cfg = OmegaConf.merge(
+        OmegaConf.load(configs_dir() / "serve" / "serving.yaml"),
+        OmegaConf.from_dotlist(serving_overrides),
+    )
+    try:
+        out = export(
+            args["checkpoint"],
+            args["output_dir"],
+            quant=args.get("quant", "none"),
+            scheme=build_scheme(scheme_cfg),
+            serving=OmegaConf.to_container(serving_cfg, resolve=True),
+            tokenizer=args.get("tokenizer"),
+        )
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"export: {e}") from e
+    print(f"exported {out}")
+    return 0
