@@ -69,7 +69,7 @@ class Engine:
         a = self.args
         bytes_per_block = 2 * a.num_layers * a.num_kv_heads * a.head_dim * 4 * block_size
         num_blocks = num_blocks or max(1, kv_memory_bytes // bytes_per_block)
-        self.kv = KVPool(a, num_blocks * block_size, dtype=model.embed.weight.dtype)
+        self.kv = KVPool(a, num_blocks * block_size, dtype=model.norm.dtype)
         self.pool = BlockPool(num_blocks, block_size)
         self.scheduler = Scheduler(self.pool, max_tokens_per_step, max_seqs)
         self.eos = set(a.eos_token_ids if eos_token_ids is None else eos_token_ids)

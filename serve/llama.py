@@ -157,5 +157,6 @@ class LlamaModel(nn.Module):
         if batch.logit_rows is not None:
             h = h[batch.logit_rows]
         h = F.rms_norm(h, (a.hidden_size,), self.norm, eps)
-        head = self.embed.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(h, head)  # [S, vocab]
+        if self.lm_head is not None:  # untied, or an int8 head over the int8 table
+            return self.lm_head(h)  # [S, vocab]
+        return F.linear(h, self.embed.weight)

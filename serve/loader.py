@@ -8,6 +8,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from serve.export_format import QuantSpec
+from serve.int8 import swap_in_int8
 from serve.llama import LlamaModel, rope_tables
 from serve.model_args import ModelArgs
 
@@ -43,7 +45,12 @@ def _strip_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def convert_hf_state_dict(
     state: dict[str, torch.Tensor], args: ModelArgs
 ) -> dict[str, torch.Tensor]:
-    """HF Llama tensor names → this runtime's (q/k/v and gate/up fused along the output dim)."""
+    """HF Llama tensor names → this runtime's (q/k/v and gate/up fused along the output dim).
+
+    INT8 exports (compressed-tensors `int-quantized`) carry `<name>.weight` int8 and a
+    per-output-channel `<name>.weight_scale`; fusing concatenates both, which keeps every row's
+    scale with its row.
+    """
     s = _strip_prefix(state)
 
     def take(name: str) -> torch.Tensor:
@@ -51,29 +58,30 @@ def convert_hf_state_dict(
             raise KeyError(f"checkpoint is missing tensor '{name}'")
         return s[name]
 
-    out = {"embed.weight": take("embed_tokens.weight"), "norm": take("norm.weight")}
+    out: dict[str, torch.Tensor] = {}
+
+    def put(new: str, olds: list[str], optional: bool = False) -> None:
+        """`new`.weight (+ .weight_scale, .bias) from the concatenation of `olds`' tensors."""
+        for suffix in ("weight", "weight_scale", "bias"):
+            names = [f"{o}.{suffix}" for o in olds]
+            if suffix == "weight" and not optional:
+                out[f"{new}.{suffix}"] = torch.cat([take(n) for n in names])
+            elif all(n in s for n in names):
+                out[f"{new}.{suffix}"] = torch.cat([s[n] for n in names])
+
+    put("embed", ["embed_tokens"])
+    out["norm"] = take("norm.weight")
     if not args.tie_word_embeddings:
-        out["lm_head.weight"] = take("lm_head.weight")
+        put("lm_head", ["lm_head"])
     for i in range(args.num_layers):
         p = f"layers.{i}."
         att, mlp = p + "self_attn.", p + "mlp."
         out[p + "attn_norm"] = take(p + "input_layernorm.weight")
         out[p + "mlp_norm"] = take(p + "post_attention_layernorm.weight")
-        out[p + "qkv.weight"] = torch.cat([take(att + f"{x}_proj.weight") for x in "qkv"])
-        out[p + "o.weight"] = take(att + "o_proj.weight")
-        if args.attention_bias:
-            out[p + "qkv.bias"] = torch.cat([take(att + f"{x}_proj.bias") for x in "qkv"])
-            if att + "o_proj.bias" in s:
-                out[p + "o.bias"] = s[att + "o_proj.bias"]
-        out[p + "gate_up.weight"] = torch.cat(
-            [take(mlp + "gate_proj.weight"), take(mlp + "up_proj.weight")]
-        )
-        out[p + "down.weight"] = take(mlp + "down_proj.weight")
-        if args.mlp_bias:
-            out[p + "gate_up.bias"] = torch.cat(
-                [take(mlp + "gate_proj.bias"), take(mlp + "up_proj.bias")]
-            )
-            out[p + "down.bias"] = take(mlp + "down_proj.bias")
+        put(p + "qkv", [att + f"{x}_proj" for x in "qkv"])
+        put(p + "o", [att + "o_proj"])
+        put(p + "gate_up", [mlp + "gate_proj", mlp + "up_proj"])
+        put(p + "down", [mlp + "down_proj"])
     return out
 
 
@@ -89,14 +97,18 @@ def load_model(model_dir: str | Path, dtype: torch.dtype = torch.float32) -> Lla
         raise FileNotFoundError(f"{model_dir} has no config.json; not a model directory")
     config = json.loads((model_dir / "config.json").read_text())
     if "quantization_config" in config:
-        raise NotImplementedError(
-            f"{model_dir} is quantized ({config['quantization_config'].get('quant_method')}); "
-            "this loader reads float checkpoints only"
-        )
+        QuantSpec.from_config(config["quantization_config"])  # clear error if unsupported
     args = ModelArgs.from_config(text_config(config))
     with torch.device("meta"):
         model = LlamaModel(args)
     state = convert_hf_state_dict(read_state_dict(model_dir), args)
+    if any(t.dtype == torch.int8 for t in state.values()):
+        # INT8 layers run on serve.int8's fbgemm kernels; a tied head reuses the int8 table.
+        tied_int8 = args.tie_word_embeddings and state["embed.weight"].dtype == torch.int8
+        swap_in_int8(model, state, lm_head_from="embed" if tied_int8 else None)
+        state = {
+            k: v for k, v in state.items() if v.dtype != torch.int8 and "weight_scale" not in k
+        }
     state = {k: v.to(dtype) for k, v in state.items()}
     model.load_state_dict(state, strict=False, assign=True)
     missing = [n for n, p in model.named_parameters() if p.is_meta]
