@@ -1,9 +1,10 @@
 """Parameter-budget search: enumerate student shapes, keep those near the budget, pick one.
 
-Rule (Minitron, Muralidharan et al. 2024: at equal size, width pruning beats depth pruning):
-among shapes within `tolerance` of the budget and above the width floors, take the one that
-keeps the most layers, then the most importance retained (product of the per-axis fractions
-of total importance kept), then the one closest to the budget.
+The budget is a cap: candidates are shapes with (1 − tolerance)·budget ≤ parameters ≤ budget,
+above the width floors and accepted by the family's config validation. Rule (Minitron,
+Muralidharan et al. 2024: at equal size, width pruning beats depth pruning): take the one that
+keeps the most layers, then the most importance retained (product over layers, channels,
+neurons and heads of the fraction of total importance kept), then the closest to the budget.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from rich.table import Table
 from torch import Tensor, nn
 
 from distill.prune.plan import Dims, head_dim_of, make_plan, retained_importance
-from distill.prune.slicing import parameters_for
+from distill.prune.slicing import config_problem, parameters_for
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +28,8 @@ class SearchSpace:
     """Which shapes the budget search may consider (fractions are of the teacher's dims)."""
 
     tolerance: float = 0.03
-    width_step: int = 64
+    hidden_step: int = 8  # hidden candidates: multiples of this the family's config accepts
+    intermediate_step: int = 64
     min_hidden_fraction: float = 0.75
     min_intermediate_fraction: float = 0.5
     min_layers_fraction: float = 0.5
@@ -67,9 +69,9 @@ def candidate_dims(teacher: Dims, space: SearchSpace, pinned: dict[str, int]) ->
     low = max(1, math.ceil(space.min_layers_fraction * teacher.num_hidden_layers))
     axes = {
         "num_hidden_layers": list(range(low, teacher.num_hidden_layers + 1)),
-        "hidden_size": _widths(teacher.hidden_size, space.min_hidden_fraction, space.width_step),
+        "hidden_size": _widths(teacher.hidden_size, space.min_hidden_fraction, space.hidden_step),
         "intermediate_size": _widths(
-            teacher.intermediate_size, space.min_intermediate_fraction, space.width_step
+            teacher.intermediate_size, space.min_intermediate_fraction, space.intermediate_step
         ),
     }
     axes = {k: [pinned[k]] if pinned.get(k) else v for k, v in axes.items()}
@@ -99,23 +101,20 @@ def search_shape(
     total = parameters_for(model, teacher)
     head_dim = head_dim_of(model.config)
     considered = []
-    for dims in candidate_dims(teacher, space, pinned or {}):
+    shapes = candidate_dims(teacher, space, pinned or {})
+    for dims in [d for d in shapes if config_problem(model.config, d) is None]:
         n = parameters_for(model, dims)
         fraction = n / total
-        retained = 1.0
-        if abs(fraction / target_fraction - 1) <= space.tolerance:  # score only the feasible
-            for value in retained_importance(
-                scores, make_plan(scores, teacher, dims, head_dim)
-            ).values():
-                retained *= value
-        else:
-            retained = float("nan")
+        retained = float("nan")  # scored only when within the budget window
+        if (1 - space.tolerance) * target_fraction <= fraction <= target_fraction:
+            plan = make_plan(scores, teacher, dims, head_dim)
+            retained = math.prod(retained_importance(scores, plan).values())
         considered.append(Candidate(dims, n, fraction, retained))
     feasible = [c for c in considered if not math.isnan(c.retained)]
     if not feasible:
         closest = sorted(considered, key=lambda c: abs(c.fraction - target_fraction))[:3]
         raise ValueError(
-            f"no candidate shape within ±{space.tolerance:.0%} of {target_fraction} × "
+            f"no candidate shape within -{space.tolerance:.0%} of {target_fraction} × "
             f"{total:,} parameters; closest: "
             + "; ".join(f"{asdict(c.dims)} = {c.fraction:.3f}" for c in closest)
             + ". Lower the width floors (student.search.*) or pin fewer dims."

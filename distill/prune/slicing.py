@@ -5,26 +5,49 @@ from __future__ import annotations
 import copy
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from torch import Tensor, nn
 
 from distill.prune.adapters import DecoderAdapter, adapter_for
 from distill.prune.plan import DIM_NAMES, Dims, PrunePlan, head_dim_of
 
 
-def student_config(config, plan: PrunePlan):
-    """The teacher's config with the student's dims; head_dim pinned, per-layer lists sliced."""
-    adapter = adapter_for(config)
+def _resized_config(config, dims: Dims, layers: list[int] | None = None):
+    """`config` with `dims`; per-layer lists keep the entries of `layers` (default: the first)."""
+    layers = list(range(dims.num_hidden_layers)) if layers is None else layers
     new = copy.deepcopy(config)
     for name in DIM_NAMES:
-        setattr(new, name, getattr(plan.dims, name))
+        setattr(new, name, getattr(dims, name))
     # head_dim stays the teacher's (RoPE, q/k widths); set it explicitly since the config's
     # default hidden_size // num_attention_heads no longer holds once either is pruned.
-    new.head_dim = plan.head_dim
-    for per_layer in adapter.per_layer_config:
+    new.head_dim = head_dim_of(config)
+    for per_layer in adapter_for(config).per_layer_config:
         values = getattr(new, per_layer, None)
         if isinstance(values, list) and len(values) == config.num_hidden_layers:
-            setattr(new, per_layer, [values[i] for i in plan.layers])
+            setattr(new, per_layer, [values[i] for i in layers])
     return new
+
+
+def config_problem(config, dims: Dims) -> str | None:
+    """Why the family's own config validation rejects `dims` (None when it accepts them).
+
+    E.g. LlamaConfig requires hidden_size % num_attention_heads == 0 even with head_dim set.
+    """
+    validate = getattr(_resized_config(config, dims), "validate", None)
+    try:
+        if validate is not None:
+            validate()
+    except (ValueError, StrictDataclassError) as error:
+        return str(error).strip().splitlines()[-1].strip()
+    return None
+
+
+def student_config(config, plan: PrunePlan):
+    """The teacher's config with the student's dims; head_dim pinned, per-layer lists sliced."""
+    problem = config_problem(config, plan.dims)
+    if problem:
+        raise ValueError(f"student dims {plan.dims} are invalid for {config.model_type}: {problem}")
+    return _resized_config(config, plan.dims, plan.layers)
 
 
 def _head_rows(heads: list[int], head_dim: int) -> list[int]:
