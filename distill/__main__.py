@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "main",
         "top-k teacher log-probs for the training set (offline KD)",
     ),
+    "prune": ("distill.commands.prune", "main", "carve the student from the teacher (no training)"),
     "eval": ("distill.commands.eval", "main", "student vs teacher: coherence, VQA, speed → report"),
     "export": (
         "distill.commands.export",
