@@ -21,11 +21,13 @@ def run_harness(
     batch_size: int = 1,
     num_fewshot: int | None = None,
     seed: int = 0,
+    include_defaults: bool = True,
 ) -> dict[str, dict[str, float]]:
     """{task: {metric: value}} from `lm_eval.simple_evaluate` for `tasks`.
 
     `include_path` is a directory of extra task YAMLs (a task over a local jsonl needs no
-    network). Metric names keep the harness's "<metric>,<filter>" form, e.g. "acc,none".
+    network); include_defaults=False indexes only those (the harness's ~10k bundled task
+    YAMLs take most of a run's start-up). Metric names keep the harness's "<metric>,<filter>" form, e.g. "acc,none".
     """
     try:
         import lm_eval
@@ -39,7 +41,10 @@ def run_harness(
         raise ValueError("run_harness needs at least one task name")
     device = str(next(model.parameters()).device)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
-    manager = TaskManager(include_path=str(include_path) if include_path else None)
+    manager = TaskManager(
+        include_path=str(include_path) if include_path else None,
+        include_defaults=include_defaults,
+    )
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
         raise ValueError(

@@ -1,0 +1,205 @@
+"""The evaluation suite end to end on tiny models: report files exist, parse and carry the
+stable keys; the CLI, the training-run eval stage and wandb logging write them too."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from eval.retention import RETENTION
+from eval.suite import EvalSettings, evaluate
+
+SMALL = {
+    "seq_len": 64,
+    "blocks": 2,
+    "probe_paragraphs": 4,
+    "prompts": 2,
+    "prompt_tokens": 8,
+    "new_tokens": 8,
+    "speed_prompts": 1,
+    "speed_new_tokens": 4,
+    "speed_repeats": 1,
+    "samples_in_report": 2,
+}
+TEXT_METRICS = [m for m in RETENTION if m != "vqa_accuracy"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run faster on one thread (two threads spin when the cores are shared)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny_student_dir(tmp_path_factory, tokenizer) -> Path:
+    from distill.models.tiny import save_tiny_llama
+
+    return save_tiny_llama(
+        tmp_path_factory.mktemp("tiny-student"), tokenizer=tokenizer, seed=1, num_hidden_layers=2
+    )
+
+
+def write_metrics_csv(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = ["epoch,step,train/loss,val/loss", "0,1,5.0,", "0,2,4.0,", "0,2,,4.5", "0,3,3.0,"]
+    path.write_text("\n".join(rows) + "\n")
+
+
+def check_report(out: Path, students: list[str]) -> dict:
+    report = json.loads((out / "report.json").read_text())
+    names = ["teacher", *students]
+    assert list(report["models"]) == names
+    for name in names:
+        for metric in TEXT_METRICS:
+            assert isinstance(report["models"][name][metric], float), (name, metric)
+        for metric in ("ttft_ms", "tpot_ms", "tokens_per_s", "peak_mem_mb"):
+            assert report["speed"][name][metric] > 0
+    assert set(report["retention"]) == set(TEXT_METRICS)
+    assert report["models"]["teacher"]["top1_agreement"] == 1.0
+    assert report["retention"]["perplexity"] == pytest.approx(
+        report["models"]["teacher"]["perplexity"] / report["models"]["student"]["perplexity"]
+    )
+    assert report["speed"]["student"]["tokens_per_s_vs_teacher"] == pytest.approx(
+        report["speed"]["student"]["tokens_per_s"] / report["speed"]["teacher"]["tokens_per_s"]
+    )
+    assert report["config"]["eval"]["blocks"] == SMALL["blocks"]
+    assert "vqa_accuracy" not in report["models"]["teacher"]  # text models: no VQA section
+
+    md = (out / "report.md").read_text()
+    assert "| perplexity |" in md and "## Speed" in md and "## Sample generations" in md
+    page = (out / "report.html").read_text()
+    assert page.startswith("<!DOCTYPE html>")
+    # self-contained: every image inline, nothing fetched
+    sources = re.findall(r'src="([^"]+)"', page)
+    assert sources and all(s.startswith("data:image/png;base64,") for s in sources)
+    for s in sources:
+        assert base64.b64decode(s.split(",", 1)[1]).startswith(b"\x89PNG")
+    assert report["samples"][0]["prompt"][:20] in page.replace("&#x27;", "'").replace("&quot;", '"')
+    return report
+
+
+def test_evaluate_writes_report_with_training_curves_and_wandb(
+    tmp_path, tokenizer, tiny_teacher_dir, tiny_student_dir
+):
+    import wandb
+
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_teacher_dir).eval()
+    student = AutoModelForCausalLM.from_pretrained(tiny_student_dir).eval()
+    csv = tmp_path / "metrics" / "metrics.csv"
+    write_metrics_csv(csv)
+    run = wandb.init(project="nanodistill-test", dir=str(tmp_path), mode="offline")
+    try:
+        report = evaluate(
+            EvalSettings(**SMALL),
+            teacher,
+            {"student": student},
+            tokenizer,
+            tmp_path / "report",
+            metrics_csv=csv,
+            wandb_run=run,
+        )
+        summary = dict(run.summary)
+    finally:
+        run.finish()
+    check_report(tmp_path / "report", ["student"])
+    assert {"retention.png", "latency.png", "training.png"} <= {
+        p.name for p in (tmp_path / "report").iterdir()
+    }
+    assert report["models"]["student"]["perplexity"] != report["models"]["teacher"]["perplexity"]
+    assert summary["eval/retention/perplexity"] == pytest.approx(report["retention"]["perplexity"])
+    assert list(tmp_path.glob("wandb/offline-run-*/run-*.wandb"))
+
+
+def test_evaluate_needs_a_student(tokenizer, tiny_teacher_dir, tmp_path):
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_teacher_dir)
+    with pytest.raises(ValueError, match="named 'student'"):
+        evaluate(EvalSettings(**SMALL), teacher, {"other": teacher}, tokenizer, tmp_path)
+    with pytest.raises(ValueError, match="blocks"):
+        EvalSettings(blocks=0)
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "distill", "eval", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env=env, timeout=600)
+
+
+def test_cli_evaluates_run_dir_with_int8_student(tmp_path, tiny_teacher_dir, tiny_student_dir):
+    """`run_dir=` finds student/, student-qat/ (as int8) and metrics/metrics.csv by itself."""
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_student_dir, run_dir / "student")
+    shutil.copytree(tiny_student_dir, run_dir / "student-qat")
+    write_metrics_csv(run_dir / "metrics" / "metrics.csv")
+    overrides = [f"eval.{k}={v}" for k, v in SMALL.items()]
+    result = run_cli(
+        f"run_dir={run_dir}",
+        f"teacher={tiny_teacher_dir}",
+        "eval=default",
+        *overrides,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "retention" in result.stdout
+    report = check_report(run_dir / "report", ["student", "student_int8"])
+    assert report["config"]["int8"] == str(run_dir / "student-qat")
+    # the same weights under two names score the same
+    assert report["models"]["student_int8"]["perplexity"] == pytest.approx(
+        report["models"]["student"]["perplexity"]
+    )
+    assert (run_dir / "report" / "training.png").exists()
+
+
+def test_cli_rejects_bad_input(tmp_path):
+    from distill.commands.eval import find_run_files, parse_args
+
+    with pytest.raises(SystemExit, match="no config.json"):
+        find_run_files({"student": str(tmp_path)})
+    with pytest.raises(SystemExit, match="needs student"):
+        find_run_files({})
+    with pytest.raises(SystemExit, match="run_dir=.*no such directory"):
+        find_run_files({"run_dir": str(tmp_path / "missing")})
+    with pytest.raises(SystemExit, match="unknown argument 'studnet'"):
+        parse_args(["studnet=x"])
+    with pytest.raises(SystemExit, match="expected key=value"):
+        parse_args(["--student"])
+    args, overrides = parse_args(["student=a", "eval.blocks=3", "int8=b"])
+    assert args == {"student": "a", "int8": "b"} and overrides == ["eval.blocks=3"]
+
+
+def test_training_eval_stage_uses_recipe_config_and_skips_when_done(
+    tmp_path, tokenizer, tiny_teacher_dir, tiny_student_dir
+):
+    from hydra import compose, initialize_config_dir
+
+    from distill.paths import configs_dir, recipes_dir
+    from distill.rundir import register_resolvers
+    from eval.stage import eval_stage
+
+    register_resolvers()
+    overrides = [f"eval.{k}={v}" for k, v in SMALL.items()]
+    with initialize_config_dir(config_dir=str(recipes_dir()), version_base="1.3"):
+        cfg = compose(
+            "nano-text",
+            overrides=[f"hydra.searchpath=[file://{configs_dir()}]", "logger=csv", *overrides],
+        )
+    assert cfg.eval._target_ == "eval.suite.EvalSettings"
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_teacher_dir).eval()
+    student = AutoModelForCausalLM.from_pretrained(tiny_student_dir).eval()
+    report = eval_stage(cfg, teacher, student, tokenizer, tmp_path)
+    assert report is not None and (tmp_path / "report" / "report.html").exists()
+    assert report["config"]["eval"]["test_fraction"] == cfg.data.test_fraction
+    assert eval_stage(cfg, teacher, student, tokenizer, tmp_path) is None  # done: skipped
