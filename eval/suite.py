@@ -199,6 +199,8 @@ def evaluate(
 
     if STUDENT not in students:
         raise ValueError(f"evaluate() needs a model named '{STUDENT}', got {sorted(students)}")
+    if is_vlm(teacher) and processor is None:
+        raise ValueError("the models are vision-language models; evaluate() needs a processor")
     start = time.perf_counter()
     models = {TEACHER: teacher, **students}
     if docs is None:
@@ -221,8 +223,6 @@ def evaluate(
     report["seconds"]["text"] = time.perf_counter() - t
 
     if is_vlm(teacher):
-        if processor is None:
-            raise ValueError("the models are vision-language models; evaluate() needs a processor")
         t = time.perf_counter()
         vqa, report["vqa_examples"] = vqa_metrics(settings, models, processor)
         for name in models:
