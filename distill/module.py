@@ -115,8 +115,12 @@ class DistillModule(L.LightningModule):
         self._teacher_sharded = True
 
     def on_fit_start(self) -> None:
-        if self.teacher is not None and not self._teacher_sharded:
-            self.teacher.to(self.device).eval()
+        if self.teacher is None or self._teacher_sharded:
+            return
+        # bitsandbytes 8-bit teachers are placed at load time and refuse `.to()`.
+        if getattr(self.teacher, "hf_quantizer", None) is None:
+            self.teacher.to(self.device)
+        self.teacher.eval()
 
     def _logits(self, model: nn.Module, input_ids: Tensor) -> Tensor:
         return model(input_ids=input_ids, use_cache=False).logits
