@@ -155,3 +155,46 @@ def test_padded_student_vocab_is_sliced_to_the_shared_size():
     module = DistillModule(student, tiny(0), KDLoss(), vocab_size=VOCAB, lr=1e-2)
     trainer = fit(module, block_data(), steps=1)
     assert torch.isfinite(trainer.callback_metrics["train/kd"])
+
+
+def _compose(*overrides: str):
+    from hydra import compose, initialize_config_dir
+
+    from distill.paths import configs_dir, recipes_dir
+    from distill.rundir import register_resolvers
+
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(recipes_dir()), version_base="1.3"):
+        return compose(
+            "nano-text", overrides=[f"hydra.searchpath=[file://{configs_dir()}]", *overrides]
+        )
+
+
+def test_train_wiring_rejects_a_student_with_another_tokenizer(tmp_path, tokenizer):
+    """`student.init=pretrained` with a different tokenizer fails in build_module, before fit."""
+    from distill.train import build_module
+
+    other = copy.deepcopy(tokenizer)
+    other.add_tokens(["<nanodistill-extra>"])
+    other.save_pretrained(tmp_path / "student")
+    tiny(1, vocab_size=len(other)).save_pretrained(tmp_path / "student")
+    cfg = _compose("student.init=pretrained", f"student.name_or_path={tmp_path / 'student'}")
+    data = block_data()
+    data.tokenizer = tokenizer
+    with pytest.raises(ValueError, match="same tokenizer"):
+        build_module(cfg, tiny(0), tiny(1), data, tmp_path)
+
+
+def test_train_wiring_maps_hidden_pairs_from_prune_json(tmp_path, tokenizer):
+    from distill.train import build_module
+
+    (tmp_path / "student-init").mkdir()
+    (tmp_path / "student-init" / "prune.json").write_text('{"kept_layers": [0, 2]}')
+    data = block_data()
+    data.tokenizer = tokenizer
+    big = {"vocab_size": len(tokenizer)}
+    module, datamodule = build_module(
+        _compose("loss=hidden"), tiny(0, **big), tiny(1, num_hidden_layers=2, **big), data, tmp_path
+    )
+    assert module.hidden_kd.pairs == [(1, 1), (2, 4)] and datamodule is data
+    assert module.vocab_size == len(tokenizer)
