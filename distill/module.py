@@ -115,6 +115,7 @@ class DistillModule(L.LightningModule):
         self._teacher_sharded = True
 
     def on_fit_start(self) -> None:
+        self.student.train()  # from_pretrained returns eval mode; Lightning keeps modes as given
         if self.teacher is None or self._teacher_sharded:
             return
         # bitsandbytes 8-bit teachers are placed at load time and refuse `.to()`.
