@@ -48,17 +48,21 @@ def rope_tables(args: ModelArgs) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class KVPool:
-    """Preallocated key/value storage, `[layers, slots, kv_heads, head_dim]` each, so shapes never change."""
+    """Preallocated keys and values of all layers, `[layers, slots, 2 * kv_heads, head_dim]`.
+
+    Keys and values of a token sit side by side (heads 0..K-1 keys, K..2K-1 values), so one
+    write and one gather per layer move both; shapes never change.
+    """
 
     def __init__(self, args: ModelArgs, num_slots: int, dtype: torch.dtype = torch.float32):
-        shape = (args.num_layers, num_slots, args.num_kv_heads, args.head_dim)
         # Zeros, not empty: padded decode rows read slot 0 under a mask, and 0 * NaN would leak.
-        self.k = torch.zeros(shape, dtype=dtype)
-        self.v = torch.zeros(shape, dtype=dtype)
+        self.kv = torch.zeros(
+            args.num_layers, num_slots, 2 * args.num_kv_heads, args.head_dim, dtype=dtype
+        )
 
     @property
     def bytes_per_slot(self) -> int:
-        return 2 * self.k[:, 0].numel() * self.k.element_size()
+        return self.kv[:, 0].numel() * self.kv.element_size()
 
 
 class Block(nn.Module):
@@ -97,27 +101,26 @@ class LlamaModel(nn.Module):
         x1, x2 = x.chunk(2, dim=-1)
         return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
-    def _attend(
-        self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, batch: AttentionBatch
-    ) -> torch.Tensor:
-        """q [N, H, hd] → [N, H * hd], reading keys/values of one layer from the pool."""
+    def _attend(self, q: torch.Tensor, kv: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
+        """q [N, H, hd] → [N, H * hd], reading one layer's keys/values `kv` [slots, 2K, hd]."""
         a = self.args
-        group = a.num_heads // a.num_kv_heads
+        kh, group = a.num_kv_heads, a.num_heads // a.num_kv_heads
         outs = []
         if batch.num_decode:
             b = batch.num_decode
             # The heads sharing a KV head act as that head's "query positions": one SDPA call
             # covers GQA without repeating keys.
-            qd = q[:b].view(b, a.num_kv_heads, group, a.head_dim)
-            kd = k_pool[batch.decode_slots].transpose(1, 2)  # [B, K, L, hd]
-            vd = v_pool[batch.decode_slots].transpose(1, 2)
-            out = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=batch.decode_mask)
+            qd = q[:b].view(b, kh, group, a.head_dim)
+            kvd = kv[batch.decode_slots].transpose(1, 2)  # [B, 2K, L, hd]
+            out = F.scaled_dot_product_attention(
+                qd, kvd[:, :kh], kvd[:, kh:], attn_mask=batch.decode_mask
+            )
             outs.append(out.reshape(b, -1))
         for span in batch.prefills:
             t = span.num_tokens
             qp = q[span.token_start : span.token_start + t].transpose(0, 1)[None]  # [1, H, T, hd]
-            kp = k_pool[span.context_slots].transpose(0, 1)[None]  # [1, K, L, hd]
-            vp = v_pool[span.context_slots].transpose(0, 1)[None]
+            kvp = kv[span.context_slots].transpose(0, 1)[None]  # [1, 2K, L, hd]
+            kp, vp = kvp[:, :kh], kvp[:, kh:]
             out = F.scaled_dot_product_attention(
                 qp, kp, vp, attn_mask=span.mask, is_causal=span.mask is None, enable_gqa=True
             )
@@ -145,12 +148,15 @@ class LlamaModel(nn.Module):
         eps = a.rms_norm_eps
         for i, layer in enumerate(self.layers):
             x = F.rms_norm(h, (a.hidden_size,), layer.attn_norm, eps)
-            q, k, v = layer.qkv(x).split([layer.q_size, layer.kv_size, layer.kv_size], dim=-1)
-            q = self._rope(q.view(n, a.num_heads, a.head_dim), cos, sin)
-            k = self._rope(k.view(n, a.num_kv_heads, a.head_dim), cos, sin)
-            kv.k[i].index_copy_(0, batch.slots, k)
-            kv.v[i].index_copy_(0, batch.slots, v.view(n, a.num_kv_heads, a.head_dim))
-            h = h + layer.o(self._attend(q, kv.k[i], kv.v[i], batch))
+            qkv = layer.qkv(x).view(n, a.num_heads + 2 * a.num_kv_heads, a.head_dim)
+            qk = self._rope(
+                qkv[:, : a.num_heads + a.num_kv_heads], cos, sin
+            )  # one call for q and k
+            q = qk[:, : a.num_heads]
+            kv.kv[i].index_copy_(
+                0, batch.slots, torch.cat((qk[:, a.num_heads :], qkv[:, -a.num_kv_heads :]), 1)
+            )
+            h = h + layer.o(self._attend(q, kv.kv[i], batch))
             x = F.rms_norm(h, (a.hidden_size,), layer.mlp_norm, eps)
             gate, up = layer.gate_up(x).chunk(2, dim=-1)
             h = h + layer.down(F.silu(gate) * up)
