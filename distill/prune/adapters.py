@@ -43,7 +43,6 @@ class DecoderAdapter:
 
     layers: str = "model.layers"
     layer_prefix: str = "model.layers."  # state-dict prefix of layer i is f"{layer_prefix}{i}."
-    attention: str = "self_attn"
     mlp_down: str = "mlp.down_proj"  # its input is the MLP activation (B, S, ffn)
     attn_out: str = "self_attn.o_proj"  # its input is the per-head attention output (B, S, q)
     norms: tuple[str, ...] = ("input_layernorm", "post_attention_layernorm")  # per layer

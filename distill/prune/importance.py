@@ -30,11 +30,6 @@ log = logging.getLogger(__name__)
 SCORE_KEYS = ("layers", "neurons", "heads", "channels")
 
 
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder blocks of a supported family (`model.model.layers` for Llama-like models)."""
-    return adapter_for(model).decoder_layers(model)
-
-
 @torch.no_grad()
 def calibration_scores(
     model: nn.Module, batches: list[Tensor], progress: bool = True
