@@ -19,10 +19,11 @@ from pathlib import Path
 import torch
 
 from serve.detokenizer import TextStream
+from serve.idefics3 import Idefics3Vision
 from serve.kv_cache import BlockPool
 from serve.llama import AttentionBatch, KVPool, LlamaModel, PrefillSpan
-from serve.loader import load_model
-from serve.prefix_cache import ImageSpan
+from serve.loader import load_model, load_vision
+from serve.prefix_cache import ImageSpan, image_digest
 from serve.sampler import SamplingParams, sample
 from serve.scheduler import Request, Scheduler, Sequence, Status, TokenMask, Work
 
@@ -64,8 +65,10 @@ class Engine:
         max_tokens_per_step: int = 512,
         max_seqs: int = 64,
         eos_token_ids: Seq[int] | None = None,
+        vision: Idefics3Vision | None = None,
     ):
         self.model, self.tokenizer, self.args = model, tokenizer, model.args
+        self.vision = vision
         a = self.args
         bytes_per_block = 2 * a.num_layers * a.num_kv_heads * a.head_dim * 4 * block_size
         num_blocks = num_blocks or max(1, kv_memory_bytes // bytes_per_block)
@@ -87,7 +90,7 @@ class Engine:
             from tokenizers import Tokenizer
 
             tokenizer = Tokenizer.from_file(str(tok_file))
-        return cls(model, tokenizer, **kwargs)
+        return cls(model, tokenizer, vision=load_vision(model_dir), **kwargs)
 
     # ---- requests -------------------------------------------------------------------------
 
@@ -100,10 +103,14 @@ class Engine:
         images: Seq[ImageSpan] = (),
         token_mask: TokenMask | None = None,
         queue_size: int = 0,
+        pixel_values: torch.Tensor | None = None,
     ) -> Request:
         """Queue a request; read its outputs from `request.outputs` (bounded by `queue_size`,
         0 = unbounded; a full queue pauses only this request). Raises ValueError for a
-        request that is invalid or could never fit."""
+        request that is invalid or could never fit.
+
+        `pixel_values` [tiles, 3, S, S] (a VLM) fill the prompt's image placeholder tokens in
+        order; unless `images` says otherwise, the block keys cover the tiles' bytes."""
         prompt = [int(t) for t in prompt]
         ctx = self.args.max_position_embeddings
         if not prompt:
@@ -120,6 +127,12 @@ class Engine:
             )
         max_len = min(len(prompt) + params.max_tokens, ctx)
         self.scheduler.check_fits(len(prompt), max_len)
+        image_positions = image_embeds = None
+        if pixel_values is not None:
+            image_positions, image_embeds = self._encode_images(prompt, pixel_values)
+            if not images:
+                digest = image_digest(pixel_values.detach().float().contiguous().numpy().tobytes())
+                images = [ImageSpan(int(image_positions[0]), int(image_positions[-1]) + 1, digest)]
         with self._lock:
             rid = request_id or f"req-{next(self._ids)}"
             if rid in self.requests:
@@ -127,6 +140,7 @@ class Engine:
             req = Request(
                 rid, prompt, params, salt, tuple(images), token_mask, queue.Queue(queue_size)
             )
+            req.image_positions, req.image_embeds = image_positions, image_embeds
             base_seed = params.seed if params.seed is not None else secrets.randbits(62)
             for i in range(params.n):
                 gen = None
@@ -138,6 +152,20 @@ class Engine:
                 self.scheduler.waiting.append(seq)
             self.requests[rid] = req
             return req
+
+    def _encode_images(self, prompt: list[int], pixel_values: torch.Tensor):
+        """Image placeholder positions [P] and their embeddings [P, d] from the vision tower."""
+        if self.vision is None:
+            raise ValueError("this model has no vision encoder; send text only")
+        va = self.vision.args
+        positions = torch.tensor(prompt).eq(va.image_token_id).nonzero().flatten()
+        tiles = pixel_values.reshape(-1, *pixel_values.shape[-3:])
+        if len(positions) != len(tiles) * va.tokens_per_image:
+            raise ValueError(
+                f"prompt has {len(positions)} image tokens but {len(tiles)} image tiles need "
+                f"{len(tiles) * va.tokens_per_image} ({va.tokens_per_image} each)"
+            )
+        return positions, self.vision(tiles).flatten(0, 1)
 
     def abort(self, request_id: str) -> bool:
         """Stop a request now and free its KV blocks; False if it is not running."""
@@ -154,8 +182,9 @@ class Engine:
 
     # ---- stepping -------------------------------------------------------------------------
 
-    def _batch(self, work: list[Work]) -> tuple[torch.Tensor, AttentionBatch]:
-        """Flat tokens [N] and their attention layout; decodes first, then prefill chunks."""
+    def _batch(self, work: list[Work]) -> tuple[torch.Tensor, AttentionBatch, torch.Tensor | None]:
+        """Flat tokens [N], their attention layout (decodes first, then prefill chunks), and
+        input embeddings [N, d] when a chunk covers image placeholders (else None)."""
         bs = self.pool.block_size
         work.sort(key=lambda w: w.count > 1)
         tokens, positions, spans, logit_rows = [], [], [], []
@@ -196,7 +225,20 @@ class Engine:
             prefills=spans,
             logit_rows=torch.tensor(logit_rows, dtype=torch.long),
         )
-        return torch.tensor(tokens), batch
+        tokens = torch.tensor(tokens)
+        embeds = None
+        if any(w.seq.request.image_embeds is not None for w in work):
+            with torch.inference_mode():
+                embeds = self.model.embed(tokens)  # [N, d]
+                row = 0
+                for w in work:
+                    req = w.seq.request
+                    if req.image_embeds is not None:
+                        pos = req.image_positions
+                        sel = (pos >= w.start) & (pos < w.start + w.count)
+                        embeds[row + pos[sel] - w.start] = req.image_embeds[sel]
+                    row += w.count
+        return tokens, batch, embeds
 
     def _slots(self, blocks: list[int], length: int) -> torch.Tensor:
         bs = self.pool.block_size
@@ -208,8 +250,8 @@ class Engine:
             work = self.scheduler.schedule()
             if not work:
                 return []
-            tokens, batch = self._batch(work)
-            logits = self.model(tokens, batch, self.kv)
+            tokens, batch, embeds = self._batch(work)
+            logits = self.model(tokens, batch, self.kv, input_embeds=embeds)
             self.scheduler.commit(work)
             sampling = [w.seq for w in work if w.samples]
             if not sampling:  # only partial prefill chunks ran

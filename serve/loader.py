@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from serve.export_format import QuantSpec
+from serve.idefics3 import Idefics3Vision, VisionArgs, convert_vision_state_dict
 from serve.int8 import swap_in_int8
 from serve.llama import LlamaModel, rope_tables
 from serve.model_args import ModelArgs
@@ -86,8 +87,29 @@ def convert_hf_state_dict(
 
 
 def text_config(config: dict) -> dict:
-    """The decoder's config: the file itself, or a VLM's `text_config`."""
-    return config.get("text_config", config)
+    """The decoder's config: the file itself, or a VLM's `text_config` (whose head tying is
+    set at the top level)."""
+    if "text_config" not in config:
+        return config
+    tied = config.get("tie_word_embeddings", config["text_config"].get("tie_word_embeddings"))
+    return {**config["text_config"], "tie_word_embeddings": bool(tied)}
+
+
+def load_vision(model_dir: str | Path) -> Idefics3Vision | None:
+    """The vision encoder + connector of an Idefics3 checkpoint; None for a text-only model."""
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    if "vision_config" not in config:
+        return None
+    if config.get("model_type") not in ("idefics3", "smolvlm"):
+        raise ValueError(
+            f"vision family '{config.get('model_type')}' is not supported (idefics3 only)"
+        )
+    args = VisionArgs.from_config(config)
+    with torch.device("meta"):
+        vision = Idefics3Vision(args)
+    state = convert_vision_state_dict(read_state_dict(model_dir), args)
+    vision.load_state_dict({k: v.float() for k, v in state.items()}, assign=True)
+    return vision.eval()
 
 
 def load_model(model_dir: str | Path, dtype: torch.dtype = torch.float32) -> LlamaModel:

@@ -47,6 +47,8 @@ class Request:
     token_mask: TokenMask | None = None
     outputs: queue.Queue = field(default_factory=queue.Queue)
     seqs: list[Sequence] = field(default_factory=list)
+    image_positions: torch.Tensor | None = None  # [P] prompt positions of image placeholders
+    image_embeds: torch.Tensor | None = None  # [P, d] the embeddings that replace them
     cached_tokens: int = 0  # prompt tokens reused from the prefix cache (summed over choices)
     cache_creation_tokens: int = 0  # prompt tokens this request newly cached
 
