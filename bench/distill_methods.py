@@ -195,6 +195,8 @@ def main() -> None:
             **extra,
         }
         log.info("%s: %s", name, rows[name])
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"partial": True, "results": rows}, indent=2))  # so far
 
     summary = {
         "student": args.student,
