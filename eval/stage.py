@@ -57,9 +57,10 @@ def eval_stage(
     students = {"student": student}
     qat_dir = run_dir / "student-qat"
     if (qat_dir / "config.json").exists():
-        from distill.commands.eval import load_model
+        from eval.models import load_int8
 
-        students["student_int8"] = load_model(str(qat_dir), str(next(student.parameters()).device))
+        device = str(next(student.parameters()).device)
+        students["student_int8"] = load_int8(str(qat_dir), device, settings.int8_kernels)
     return evaluate(
         settings,
         teacher,

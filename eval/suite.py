@@ -63,6 +63,8 @@ class EvalSettings:
     speed_new_tokens: int = 16
     speed_warmup: int = 1
     speed_repeats: int = 3
+    # int8 student: time serve.int8's fbgemm kernels, not transformers' decompressed fp32
+    int8_kernels: bool = True
     # VQA (vision-language models only)
     vqa_questions: int = 40
     vqa_examples: int = 6

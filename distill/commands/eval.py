@@ -14,7 +14,6 @@ import datetime as dt
 import logging
 from pathlib import Path
 
-import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
@@ -42,19 +41,6 @@ def parse_args(argv: list[str]) -> tuple[dict[str, str], list[str]]:
                 f"unknown argument '{key}'; use one of {', '.join(ARGS)} or eval.<knob>"
             )
     return args, overrides
-
-
-def load_model(path: str, device: str) -> torch.nn.Module:
-    """A causal LM, or an image-text-to-text model when its config has a vision tower."""
-    from transformers import AutoConfig, AutoModelForImageTextToText
-
-    from distill.models.loading import load_causal_lm, resolve_model_path
-
-    resolved, gguf = resolve_model_path(path)
-    if gguf is None and getattr(AutoConfig.from_pretrained(resolved), "vision_config", None):
-        model = AutoModelForImageTextToText.from_pretrained(resolved, dtype=torch.float32)
-        return model.to(device).eval()
-    return load_causal_lm(path, "float32", device).eval()
 
 
 def find_run_files(args: dict[str, str]) -> dict[str, str | None]:
@@ -87,6 +73,7 @@ def find_run_files(args: dict[str, str]) -> dict[str, str | None]:
 def main(argv: list[str]) -> int:
     from distill.assets import TEACHER_NAME
     from distill.models.loading import load_tokenizer, resolve_device
+    from eval.models import load_int8, load_model
     from eval.suite import evaluate
 
     args, overrides = parse_args(argv)
@@ -101,7 +88,7 @@ def main(argv: list[str]) -> int:
     teacher = load_model(teacher_path, device)
     students = {"student": load_model(files["student"], device)}
     if files["int8"]:
-        students["student_int8"] = load_model(files["int8"], device)
+        students["student_int8"] = load_int8(files["int8"], device, settings.int8_kernels)
     processor = None
     if getattr(teacher.config, "vision_config", None) is not None:
         from transformers import AutoProcessor
