@@ -13,6 +13,8 @@ matplotlib.use("Agg")  # headless: figures are only rendered to PNG bytes
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
+from eval.retention import RETENTION  # noqa: E402
+
 
 def png_bytes(fig: Figure) -> bytes:
     buffer = io.BytesIO()
@@ -23,7 +25,7 @@ def png_bytes(fig: Figure) -> bytes:
 
 def retention_figure(retention_by_model: dict[str, dict[str, float | None]]) -> Figure:
     """Horizontal bars per metric (one colour per student), with the teacher's 1.0 marked."""
-    metrics = sorted({m for r in retention_by_model.values() for m in r})
+    metrics = [m for m in RETENTION if any(m in r for r in retention_by_model.values())]
     fig, ax = plt.subplots(figsize=(7, 0.45 * len(metrics) * max(len(retention_by_model), 1) + 1))
     height = 0.8 / max(len(retention_by_model), 1)
     for k, (name, ratios) in enumerate(retention_by_model.items()):
