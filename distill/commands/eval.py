@@ -96,6 +96,7 @@ def main(argv: list[str]) -> int:
         from distill.models.loading import resolve_model_path
 
         processor = AutoProcessor.from_pretrained(resolve_model_path(teacher_path)[0])
+        tokenizer = processor.tokenizer  # carries the image tokens the model was built with
     wandb_run = None
     if args.get("logger", "none") == "wandb":
         import wandb
