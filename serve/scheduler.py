@@ -145,6 +145,16 @@ class Scheduler:
         self.running.append(seq)
         return True
 
+    @staticmethod
+    def _deferred(seq: Sequence) -> bool:
+        """Choices 2..n wait until choice 1 has prefilled (and cached) the shared prompt."""
+        first = seq.request.seqs[0]
+        return (
+            seq is not first
+            and first.status is not Status.FINISHED
+            and first.num_computed < first.prompt_len
+        )
+
     def schedule(self) -> list[Work]:
         """This step's work, decodes first; empty when nothing can run."""
         budget = self.max_tokens_per_step
@@ -159,11 +169,11 @@ class Scheduler:
             count = min(len(seq.tokens) - seq.num_computed, budget)
             work.append(Work(seq, seq.num_computed, count))
             budget -= count
-        while budget > 0 and self.waiting and len(self.running) < self.max_seqs:
-            seq = self.waiting[0]
-            if not self._admit(seq):
+        while budget > 0 and len(self.running) < self.max_seqs:
+            seq = next((s for s in self.waiting if not self._deferred(s)), None)
+            if seq is None or not self._admit(seq):
                 break  # first come, first served: later requests wait behind it
-            self.waiting.popleft()
+            self.waiting.remove(seq)
             count = min(len(seq.tokens) - seq.num_computed, budget)
             work.append(Work(seq, seq.num_computed, count))
             budget -= count

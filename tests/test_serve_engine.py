@@ -105,6 +105,15 @@ def test_seeded_sampling_is_reproducible(model_dir):
     assert n3 == run(4, n=3, top_k=50, top_p=0.9) and len({tuple(c) for c in n3}) == 3
 
 
+def test_n_choices_share_one_prompt_prefill(model_dir):
+    engine = Engine.from_pretrained(model_dir, num_blocks=64, block_size=8)
+    p = prompts(1, seed=12, lo=33, hi=34)[0]
+    params = SamplingParams(max_tokens=5, temperature=1.0, seed=3, n=3)
+    (choices,) = engine.generate([p], params, salt="n3")
+    # Choice 1 prefills 33 tokens; choices 2 and 3 reuse its 4 full blocks (32 tokens).
+    assert choices[0].usage["cached_tokens"] == 64 and len(choices) == 3
+
+
 def test_token_mask_hook_constrains_sampling(model_dir):
     engine = Engine.from_pretrained(model_dir, num_blocks=64, block_size=8)
     allowed = torch.zeros(VOCAB, dtype=torch.bool)
