@@ -49,6 +49,8 @@ def normalize_answer(text: str) -> str:
 
 
 def vqa_prompt(processor, question: str) -> str:
+    """The processor's chat template with an image turn; Idefics3's own format when there is no
+    template or it is a text-only one (a tokenizer's, which cannot place the image)."""
     if getattr(processor, "chat_template", None):
         messages = [
             {
@@ -59,7 +61,12 @@ def vqa_prompt(processor, question: str) -> str:
                 ],
             }
         ]
-        return processor.apply_chat_template(messages, add_generation_prompt=True)
+        try:
+            prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+        except TypeError:  # a text-only template concatenating the content list as a string
+            prompt = ""
+        if "<image>" in prompt:
+            return prompt
     return _FALLBACK_PROMPT.format(question=question)
 
 

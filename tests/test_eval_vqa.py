@@ -155,3 +155,34 @@ def test_evaluate_reports_vqa_for_vlms(tmp_path, processor):
     assert "VQA examples" in page and page.count("data:image/png;base64,") >= 6 + 2
     with pytest.raises(ValueError, match="needs a processor"):
         evaluate(settings, teacher, {"student": student}, processor.tokenizer, tmp_path)
+
+
+def test_cli_evaluates_saved_vlms(tmp_path, processor):
+    """`python -m distill eval` on VLM directories: detected from the config, processor loaded
+    from the teacher directory, VQA section in the report."""
+    from distill.commands.eval import main
+
+    dirs = {}
+    for name, seed, layers in (("teacher", 0, 2), ("student", 1, 1)):
+        dirs[name] = tmp_path / name
+        tiny_idefics3(processor, seed, layers).save_pretrained(dirs[name])
+        processor.save_pretrained(dirs[name])
+    small = {
+        "seq_len": 32,
+        "blocks": 1,
+        "probe_paragraphs": 2,
+        "prompts": 1,
+        "prompt_tokens": 8,
+        "new_tokens": 4,
+        "speed_prompts": 1,
+        "speed_new_tokens": 2,
+        "speed_repeats": 1,
+        "vqa_questions": 4,
+    }
+    out = tmp_path / "report"
+    args = [f"student={dirs['student']}", f"teacher={dirs['teacher']}", f"output_dir={out}"]
+    assert main([*args, "eval=default", *(f"eval.{k}={v}" for k, v in small.items())]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["models"]) == {"teacher", "student"}
+    assert len(report["vqa_examples"]) == 4
+    assert 0.0 <= report["models"]["student"]["vqa_accuracy"] <= 1.0
