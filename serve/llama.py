@@ -40,11 +40,22 @@ class AttentionBatch:
     logit_rows: torch.Tensor | None  # [S] tokens whose logits are wanted; None = all
 
 
-def rope_tables(args: ModelArgs) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of every position's RoPE angles, each [max_position_embeddings, head_dim/2]."""
+def rope_table(args: ModelArgs) -> torch.Tensor:
+    """e^{iθ} of every position's RoPE angles, complex [max_position_embeddings, head_dim/2]."""
     positions = torch.arange(args.max_position_embeddings, dtype=torch.float32)
     freqs = torch.outer(positions, args.inv_freq())
-    return freqs.cos(), freqs.sin()
+    return torch.complex(freqs.cos(), freqs.sin())
+
+
+def interleave_rope_rows(head_dim: int, num_heads: int) -> torch.Tensor:
+    """Row order that turns HF's rotate-half q/k layout (pairs i, i + hd/2) into adjacent pairs.
+
+    The loader permutes q and k projection rows with it, so RoPE becomes one complex multiply
+    on (even, odd) pairs. q·k is unchanged because q and k are permuted alike; values are not.
+    """
+    half = torch.arange(head_dim // 2)
+    per_head = torch.stack((half, half + head_dim // 2), dim=1).flatten()  # [hd]
+    return (torch.arange(num_heads)[:, None] * head_dim + per_head).flatten()
 
 
 class KVPool:
@@ -92,14 +103,13 @@ class LlamaModel(nn.Module):
             if args.tie_word_embeddings
             else nn.Linear(args.hidden_size, args.vocab_size, False)
         )
-        cos, sin = rope_tables(args)
-        self.register_buffer("cos", cos, persistent=False)
-        self.register_buffer("sin", sin, persistent=False)
+        self.register_buffer("rope", rope_table(args), persistent=False)
 
-    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Rotate-half RoPE (the HF layout); x [N, heads, head_dim], cos/sin [N, 1, head_dim/2]."""
-        x1, x2 = x.chunk(2, dim=-1)
-        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    @staticmethod
+    def _rope(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+        """RoPE on adjacent pairs (see `interleave_rope_rows`); x [N, heads, hd], rot [N, 1, hd/2]."""
+        pairs = torch.view_as_complex(x.unflatten(-1, (-1, 2)))  # [N, heads, hd/2]
+        return torch.view_as_real(pairs * rot).flatten(-2)
 
     def _attend(self, q: torch.Tensor, kv: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
         """q [N, H, hd] → [N, H * hd], reading one layer's keys/values `kv` [slots, 2K, hd]."""
@@ -143,15 +153,12 @@ class LlamaModel(nn.Module):
         a = self.args
         n = tokens.shape[0]
         h = self.embed(tokens) if input_embeds is None else input_embeds  # [N, d]
-        cos = self.cos[batch.positions].unsqueeze(1)  # [N, 1, hd/2]
-        sin = self.sin[batch.positions].unsqueeze(1)
+        rot = self.rope[batch.positions].unsqueeze(1)  # [N, 1, hd/2] complex
         eps = a.rms_norm_eps
         for i, layer in enumerate(self.layers):
             x = F.rms_norm(h, (a.hidden_size,), layer.attn_norm, eps)
             qkv = layer.qkv(x).view(n, a.num_heads + 2 * a.num_kv_heads, a.head_dim)
-            qk = self._rope(
-                qkv[:, : a.num_heads + a.num_kv_heads], cos, sin
-            )  # one call for q and k
+            qk = self._rope(qkv[:, : a.num_heads + a.num_kv_heads], rot)  # one call for q and k
             q = qk[:, : a.num_heads]
             kv.kv[i].index_copy_(
                 0, batch.slots, torch.cat((qk[:, a.num_heads :], qkv[:, -a.num_kv_heads :]), 1)

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from serve.export_format import QuantSpec
 from serve.idefics3 import Idefics3Vision, VisionArgs, convert_vision_state_dict
 from serve.int8 import swap_in_int8
-from serve.llama import LlamaModel, rope_tables
+from serve.llama import LlamaModel, interleave_rope_rows, rope_table
 from serve.model_args import ModelArgs
 
 
@@ -70,6 +70,13 @@ def convert_hf_state_dict(
             elif all(n in s for n in names):
                 out[f"{new}.{suffix}"] = torch.cat([s[n] for n in names])
 
+    hd, qk_heads = args.head_dim, args.num_heads + args.num_kv_heads
+    qkv_rows = torch.cat(
+        (
+            interleave_rope_rows(hd, qk_heads),
+            torch.arange(qk_heads * hd, (qk_heads + args.num_kv_heads) * hd),
+        )
+    )
     put("embed", ["embed_tokens"])
     out["norm"] = take("norm.weight")
     if not args.tie_word_embeddings:
@@ -80,6 +87,9 @@ def convert_hf_state_dict(
         out[p + "attn_norm"] = take(p + "input_layernorm.weight")
         out[p + "mlp_norm"] = take(p + "post_attention_layernorm.weight")
         put(p + "qkv", [att + f"{x}_proj" for x in "qkv"])
+        for suffix in ("weight", "weight_scale", "bias"):  # q and k rows: adjacent RoPE pairs
+            if (t := out.get(f"{p}qkv.{suffix}")) is not None:
+                out[f"{p}qkv.{suffix}"] = t[qkv_rows]
         put(p + "o", [att + "o_proj"])
         put(p + "gate_up", [mlp + "gate_proj", mlp + "up_proj"])
         put(p + "down", [mlp + "down_proj"])
@@ -136,5 +146,5 @@ def load_model(model_dir: str | Path, dtype: torch.dtype = torch.float32) -> Lla
     missing = [n for n, p in model.named_parameters() if p.is_meta]
     if missing:
         raise KeyError(f"weights missing after loading {model_dir}: {missing[:5]}")
-    model.cos, model.sin = rope_tables(args)  # buffers were created on meta
+    model.rope = rope_table(args)  # buffers were created on meta
     return model.eval()
