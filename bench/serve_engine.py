@@ -29,10 +29,7 @@ from serve.sampler import SamplingParams
 
 log = logging.getLogger("bench.serve_engine")
 TEACHER = Path("~/.cache/nanodistill/models/smollm2-135m-instruct").expanduser()
-STUDENT_GLOBS = [
-    "/tmp/defrun/outputs/nano-text/*/student",
-    "/tmp/defrun/outputs/nano-text/*/student-init",
-]
+STUDENT_GLOBS = ["outputs/nano-text/*/student", "/tmp/*/outputs/nano-text/*/student"]
 NEW_TOKENS = 64
 PROMPT_LEN = 16
 
