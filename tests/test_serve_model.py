@@ -134,3 +134,17 @@ def test_args_come_from_config_json(tmp_path):
         ModelArgs.from_config(config)
     with pytest.raises(FileNotFoundError, match="config.json"):
         load_model(tmp_path / "missing")
+
+
+def test_serve_is_a_leaf_package():
+    """Importing the engine pulls in neither distill/eval nor transformers/lightning/hydra."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, serve.engine; "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & "
+        "{'distill', 'eval', 'transformers', 'lightning', 'hydra'}))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
