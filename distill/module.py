@@ -77,6 +77,8 @@ class DistillModule(L.LightningModule):
                     f"student has {rows[0]} output rows, teacher {rows[1]}: pass vocab_size from "
                     "distill.vocab.shared_vocab_size (checks the tokenizers agree)"
                 )
+        if teacher is None and loss.on_policy_fraction > 0:
+            raise ValueError("on-policy KD (on_policy_fraction > 0) needs a live teacher to score")
         self.vocab_size = vocab_size
         self.hidden_kd: HiddenStateKD | None = None
         if loss.hidden_weight > 0:

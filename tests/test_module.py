@@ -94,6 +94,8 @@ def test_on_policy_batches_are_student_samples_scored_only_on_sampled_tokens():
     assert 0.4 < sum(choices) / len(choices) < 0.6  # λ of the batches
     assert choices == [module.on_policy_now(step) for step in range(400)]  # resume-stable
     off = DistillModule(student, teacher, KDLoss(kind="jsd"))
+    with pytest.raises(ValueError, match="live teacher"):
+        DistillModule(student, None, KDLoss(on_policy_fraction=0.5))
     assert not any(off.on_policy_now(step) for step in range(50))
 
 
