@@ -100,7 +100,7 @@ def test_cached_scores_are_reused_without_a_calibration_pass(tmp_path, tiny_teac
 
     teacher = AutoModelForCausalLM.from_pretrained(tiny_teacher_dir).eval()
     forwards = []
-    teacher.register_forward_pre_hook(lambda module, args: forwards.append(1))
+    teacher.model.register_forward_pre_hook(lambda module, args: forwards.append(1))  # any pass
     ids = torch.randint(0, len(tokenizer), (8, 32), generator=torch.Generator().manual_seed(0))
     data = SimpleNamespace(blocks={"train": ids})
 

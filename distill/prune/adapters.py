@@ -41,6 +41,7 @@ LLAMA_GLOBAL_ROLES: dict[str, tuple[Role, ...]] = {
 class DecoderAdapter:
     """How to find and slice one decoder family. Paths are dotted attribute paths from the model."""
 
+    base: str = "model"  # the decoder without the LM head: calibration skips the vocab projection
     layers: str = "model.layers"
     layer_prefix: str = "model.layers."  # state-dict prefix of layer i is f"{layer_prefix}{i}."
     mlp_down: str = "mlp.down_proj"  # its input is the MLP activation (B, S, ffn)

@@ -89,8 +89,9 @@ def calibration_scores(
     model.eval()
     try:
         device = next(model.parameters()).device
+        decoder = model.get_submodule(adapter.base)  # no logits needed: skip the LM head
         for ids in tqdm(batches, desc="calibration", disable=not progress):
-            model(input_ids=ids.to(device), use_cache=False)
+            decoder(input_ids=ids.to(device), use_cache=False)
             tokens[0] += ids.numel()
     finally:
         for h in handles:
