@@ -55,8 +55,10 @@ def eval_stage(
                 OmegaConf.to_container(value) if isinstance(value, DictConfig) else value,
             )
     students = {"student": student}
-    qat_dir = run_dir / "student-qat"
-    if (qat_dir / "config.json").exists():
+    # the quant stage's int8 student: QAT's, else PTQ's
+    int8_dirs = [run_dir / d for d in ("student-qat", "student-ptq")]
+    qat_dir = next((d for d in int8_dirs if (d / "config.json").exists()), None)
+    if qat_dir is not None:
         from eval.models import load_int8
 
         device = str(next(student.parameters()).device)

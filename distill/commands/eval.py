@@ -4,8 +4,8 @@ against its teacher and write report.{json,md,html}.
 Arguments (key=value): student (required unless run_dir), teacher (default: the embedded
 SmolLM2), output_dir (default: <run_dir>/report or outputs/eval/<timestamp>), int8 (an int8 /
 QAT student directory, speed and quality measured too), run_dir (a training run: its student/,
-student-qat/ and metrics/metrics.csv are used), device (auto), eval (preset: full | default),
-logger (none | wandb), and any suite knob as eval.<knob>=<value>.
+student-qat/ or student-ptq/ and metrics/metrics.csv are used), device (auto), eval (preset:
+full | default), logger (none | wandb), and any suite knob as eval.<knob>=<value>.
 """
 
 from __future__ import annotations
@@ -55,8 +55,9 @@ def find_run_files(args: dict[str, str]) -> dict[str, str | None]:
         raise SystemExit(f"student={student}: not a Hugging Face model directory (no config.json)")
     parent = run_dir or Path(student).parent
     int8 = args.get("int8")
-    if int8 is None and run_dir and (run_dir / "student-qat" / "config.json").exists():
-        int8 = str(run_dir / "student-qat")
+    for name in ("student-qat", "student-ptq"):  # the quant stage's int8 student, QAT first
+        if int8 is None and run_dir and (run_dir / name / "config.json").exists():
+            int8 = str(run_dir / name)
     csv = parent / "metrics" / "metrics.csv"
     stamp = dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     output_dir = args.get("output_dir") or str(
