@@ -37,7 +37,8 @@ class TextStream:
             hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
             if hits:
                 self.text = self.text[: min(hits)]
-                return self.flush(), True
+                self._prefix = self._read = len(self.ids)  # nothing after a stop string
+                return self._emit(0), True
         return self._emit(self._held_back()), False
 
     def _held_back(self) -> int:
@@ -55,4 +56,8 @@ class TextStream:
 
     def flush(self) -> str:
         """All text not yet emitted (call when the sequence finishes)."""
+        if self._read < len(self.ids):  # trailing bytes of an incomplete character
+            before = self._decode(self.ids[self._prefix : self._read])
+            self.text += self._decode(self.ids[self._prefix :])[len(before) :]
+            self._prefix = self._read = len(self.ids)
         return self._emit(0)

@@ -31,7 +31,7 @@ def test_seeded_sample_matches_itself_and_greedy_is_argmax():
 
 
 def test_text_stream_never_streams_a_stop_string(tokenizer):
-    text = "The capital of France is Paris. The capital of Spain is Madrid."
+    text = "The capital of France is Paris. The capital of Spain is Madrid. 🙂 café"
     ids = tokenizer.encode(text, add_special_tokens=False)
     stream = TextStream(tokenizer, stop=("Spain is",))
     out, hit = "", False
