@@ -58,7 +58,7 @@ def main() -> None:
     scores = importance_scores(cfg, teacher, data.blocks["train"], Path(args.importance))
     calibration_s = time.perf_counter() - start
 
-    space = SearchSpace(**OmegaConf.to_container(cfg.search))
+    space = SearchSpace.from_dict(OmegaConf.to_container(cfg.search))
     start = time.perf_counter()
     chosen, candidates = search_shape(teacher, scores, args.target, space)
     search_s = time.perf_counter() - start

@@ -71,6 +71,10 @@ def test_unreachable_budget_is_a_clear_error(teacher_and_scores):
         search_shape(teacher, scores, 0.05, SPACE)
     with pytest.raises(ValueError, match="fraction in"):
         search_shape(teacher, scores, 1.5, SPACE)
+    with pytest.raises(ValueError, match="unknown student.search keys \\['width_step'\\]"):
+        SearchSpace.from_dict({"width_step": 64})
+    with pytest.raises(ValueError, match="tolerance"):
+        SearchSpace(tolerance=1.5)
 
 
 def test_candidates_table_lists_the_choice(teacher_and_scores):

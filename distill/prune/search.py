@@ -35,6 +35,28 @@ class SearchSpace:
     min_layers_fraction: float = 0.5
     prune_heads: bool = False
 
+    def __post_init__(self) -> None:
+        if not 0 <= self.tolerance < 1:
+            raise ValueError(f"student.search.tolerance={self.tolerance} must be in [0, 1)")
+        if self.hidden_step < 1 or self.intermediate_step < 1:
+            raise ValueError("student.search.hidden_step and intermediate_step must be >= 1")
+        floors = (
+            self.min_hidden_fraction,
+            self.min_intermediate_fraction,
+            self.min_layers_fraction,
+        )
+        if not all(0 <= f <= 1 for f in floors):
+            raise ValueError(f"student.search.min_*_fraction must be in [0, 1], got {floors}")
+
+    @classmethod
+    def from_dict(cls, values: dict) -> SearchSpace:
+        unknown = set(values) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(
+                f"unknown student.search keys {sorted(unknown)}; known: {sorted(cls.__dataclass_fields__)}"
+            )
+        return cls(**values)
+
 
 @dataclass(frozen=True)
 class Candidate:
