@@ -3,6 +3,8 @@ per output token, tokens/s and peak memory. Warm-up runs are excluded; figures a
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import statistics
 import threading
 import time
@@ -26,6 +28,14 @@ class _TokenClock(BaseStreamer):
         pass
 
 
+def _release_free_heap() -> None:
+    """Hand freed heap pages back to the OS (glibc malloc_trim) so that RSS growth during a
+    measurement is not hidden by memory an earlier pass freed but the allocator kept."""
+    # not glibc (OSError / no symbol): the growth figure is then a lower bound
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 class _PeakRSS:
     """Samples this process's resident set size in a thread; reports the peak above the start.
 
@@ -38,6 +48,7 @@ class _PeakRSS:
         self.start = self.peak = 0
 
     def __enter__(self) -> _PeakRSS:
+        _release_free_heap()
         self.start = self.peak = self.process.memory_info().rss
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
