@@ -54,6 +54,21 @@ def test_fast_linear_matches_dequantized_reference(bias):
     assert torch.equal(q, q_ref) and torch.allclose(scale, scale_ref)
 
 
+@pytest.mark.skipif(not fbgemm_available(), reason="this torch build has no x86/fbgemm engine")
+def test_fast_linear_keeps_per_token_scales_for_many_rows():
+    """fbgemm's one activation scale per call must not span tokens: an outlier token would set
+    the range for all (decode rows run one call each, prefill runs the reference)."""
+    torch.manual_seed(0)
+    fast = Int8Linear.from_float(nn.Linear(96, 80))
+    x = torch.randn(40, 96)
+    x[0] *= 1000.0  # one outlier token
+    for rows in (4, 40):  # decode batch (per-row fbgemm), prefill (reference)
+        ref, out = fast.reference(x[:rows]), fast(x[:rows])
+        err = (out - ref).abs().amax(dim=-1) / ref.abs().amax(dim=-1)  # per token
+        assert err.max() < 0.03, rows
+    torch.testing.assert_close(fast(x), fast.reference(x))
+
+
 def test_reference_path_is_exact_dequantized_matmul():
     torch.manual_seed(0)
     linear = nn.Linear(32, 8)
