@@ -76,8 +76,16 @@ def hf_decode_tps(model, batch: int) -> float:
             )  # fmt: skip
         return time.perf_counter() - t
 
+    return decode_rate(run, batch)
+
+
+def decode_rate(run, batch: int, reps: int = 3) -> float:
+    """batch × 64 / (best time for 65 tokens − best time for 1): the best of `reps` tries,
+    because other processes on this shared 2-core machine stall some runs badly."""
     run(2)
-    return batch * NEW_TOKENS / (run(NEW_TOKENS + 1) - run(1))
+    long = min(run(NEW_TOKENS + 1) for _ in range(reps))
+    short = min(run(1) for _ in range(reps))
+    return batch * NEW_TOKENS / (long - short)
 
 
 def engine_decode_tps(engine: Engine, batch: int) -> float:
@@ -89,8 +97,7 @@ def engine_decode_tps(engine: Engine, batch: int) -> float:
         engine.generate(ps, params, salt=f"run-{time.perf_counter()}")  # no prefix reuse
         return time.perf_counter() - t
 
-    run(2)
-    return batch * NEW_TOKENS / (run(NEW_TOKENS + 1) - run(1))
+    return decode_rate(run, batch)
 
 
 def ttft(engine: Engine, prompt: list[int], salt: str) -> float:
