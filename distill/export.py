@@ -139,3 +139,22 @@ def load_export(export_dir: str | Path, int8_kernels: bool = True) -> torch.nn.M
         swapped = swap_in_int8(model, tensors, lm_head_from=exp.int8_head_source(tensors))
         log.info("load_export: %d modules on int8 kernels", len(swapped))
     return model
+
+
+def export_stage(serving: dict | None, run_dir: Path, force: bool = False) -> Path:
+    """The train pipeline's last stage: `<run_dir>/export/` from its most finished student.
+
+    QAT beats PTQ beats the fp32 student; an INT8 student exports as compressed-tensors INT8.
+    """
+    out_dir = run_dir / "export"
+    if (out_dir / "serving.json").exists() and not force:
+        log.info("export: %s exists, skipping (force=true reruns)", out_dir)
+        return out_dir
+    for name in ("student-qat", "student-ptq", "student"):
+        source = run_dir / name
+        if (source / "config.json").exists():
+            break
+    else:
+        raise FileNotFoundError(f"export: no student checkpoint in {run_dir}")
+    quant = "int8" if is_int8_checkpoint(source) else "none"
+    return export(source, out_dir, quant=quant, serving=serving)

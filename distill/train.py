@@ -168,6 +168,13 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
 
     eval_stage(cfg, teacher, student, tokenizer, run_dir)
     stage_seconds["eval"] = time.perf_counter() - t
+    if cfg.get("export", True):
+        from distill.export import export_stage
+
+        t = time.perf_counter()
+        serving = OmegaConf.to_container(cfg.serve, resolve=True) if cfg.get("serve") else None
+        export_stage(serving, run_dir, force=cfg.force)
+        stage_seconds["export"] = time.perf_counter() - t
     stage_seconds["total"] = time.perf_counter() - start
     summary = {"run_dir": str(run_dir), "models": results, "stage_seconds": stage_seconds}
     (run_dir / "metrics.json").write_text(json.dumps(summary, indent=2))

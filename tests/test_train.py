@@ -57,8 +57,12 @@ def test_train_writes_loadable_student_and_run_dir(tmp_path, tiny_teacher_dir):
         "student/config.json",
         "metrics.json",
         "metrics/metrics.csv",
+        "export/serving.json",
+        "export/config.json",
     ):
         assert (run_dir / rel).exists(), rel
+    serving = json.loads((run_dir / "export" / "serving.json").read_text())
+    assert serving["quantization"] == "none" and serving["chat_template"]
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
