@@ -69,7 +69,13 @@ class _PeakRSS:
 def weight_bytes(model: nn.Module) -> int:
     """Bytes of unique parameters and buffers (tied tensors once)."""
     tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}
-    return sum(t.numel() * t.element_size() for t in tensors.values())
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    for module in model.modules():
+        # serve.int8.Int8Linear on fbgemm holds its weight in an opaque packed object:
+        # count it as what it is, int8 values plus one fp32 scale per output row.
+        if getattr(module, "is_fast", False):
+            total += module.out_features * (module.in_features + 4)
+    return total
 
 
 @torch.no_grad()

@@ -177,6 +177,12 @@ def test_int8_student_runs_on_int8_kernels(tmp_path, tiny_student_dir):
     fast = load_int8(str(tmp_path), "cpu")
     plain = load_int8(str(tmp_path), "cpu", int8_kernels=False)
     assert isinstance(fast.lm_head, Int8Linear)
+    from eval.speed import weight_bytes
+
+    # int8 weight bytes are counted whether packed for fbgemm or kept as int8 tensors
+    fp32 = weight_bytes(AutoModelForCausalLM.from_pretrained(tiny_student_dir))
+    assert weight_bytes(fast) == pytest.approx(weight_bytes(plain), rel=0.05)
+    assert weight_bytes(fast) < 0.6 * fp32
     assert isinstance(fast.model.layers[0].mlp.down_proj, Int8Linear)
     assert not any(isinstance(m, Int8Linear) for m in plain.modules())
     ids = torch.randint(0, 1000, (1, 12), generator=torch.Generator().manual_seed(0))
