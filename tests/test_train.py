@@ -20,6 +20,15 @@ QUICK = [
     "trainer.val_check_interval=2",
     "checkpoint_every_n_steps=2",
     "logger=csv",
+    # the eval stage at its smallest: the report is still written, in seconds
+    "eval.seq_len=32",
+    "eval.blocks=1",
+    "eval.probe_paragraphs=2",
+    "eval.prompts=1",
+    "eval.new_tokens=4",
+    "eval.speed_prompts=1",
+    "eval.speed_new_tokens=2",
+    "eval.speed_repeats=1",
 ]
 
 
@@ -59,6 +68,8 @@ def test_train_writes_loadable_student_and_run_dir(tmp_path, tiny_teacher_dir):
         "metrics/metrics.csv",
         "export/serving.json",
         "export/config.json",
+        "report/report.json",
+        "report/report.html",
     ):
         assert (run_dir / rel).exists(), rel
     serving = json.loads((run_dir / "export" / "serving.json").read_text())
