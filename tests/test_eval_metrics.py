@@ -24,14 +24,7 @@ from eval.probe import coherence_probe, probe_pairs, sequence_logprobs, shuffled
 from eval.retention import RETENTION, retention
 from eval.speed import measure_speed, speed_ratios, time_generation
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run faster on one thread (two threads spin when the cores are shared)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_llama(seed: int, vocab_size: int = 256, layers: int = 2) -> LlamaForCausalLM:
