@@ -1,6 +1,7 @@
-"""`python -m distill train`: teacher → prune → distill → held-out comparison, one Hydra recipe.
+"""`python -m distill train`: teacher → prune → distill → (int8) → eval → export, one Hydra recipe.
 
-Read top to bottom: setup (teacher, tokenizer, data) → prune stage → distill stage → compare.
+Read top to bottom: setup (teacher, tokenizer, data) → prune stage → distill stage → held-out
+comparison → quant stage (quant=ptq-int8|qat-int8) → eval stage (report/) → export stage.
 Every stage writes a plain directory under the run dir and is skipped when its output exists,
 so a resumed run (`resume=true`) continues where the last one stopped.
 """
