@@ -26,17 +26,15 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from rich.console import Console
 from rich.table import Table
 
 from distill.data.teacher_cache import CachedTrainData, write_cache
+from distill.hydra_app import compose_recipe
 from distill.models.loading import count_parameters, load_causal_lm, load_tokenizer
 from distill.module import DistillModule
-from distill.paths import configs_dir, recipes_dir
 from distill.prune.stage import prune_stage
-from distill.rundir import register_resolvers
 
 log = logging.getLogger("bench.distill_methods")
 RESULTS = Path(__file__).parent / "results" / "distill_methods.json"
@@ -54,13 +52,7 @@ VARIANTS = {
 
 
 def compose_cfg(overrides: list[str]):
-    register_resolvers()
-    with initialize_config_dir(config_dir=str(recipes_dir()), version_base="1.3"):
-        return compose(
-            "nano-text",
-            overrides=[f"hydra.searchpath=[file://{configs_dir()}]", *overrides],
-            return_hydra_config=False,
-        )
+    return compose_recipe(overrides=overrides)
 
 
 @torch.no_grad()

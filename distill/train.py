@@ -13,10 +13,8 @@ import logging
 import time
 from pathlib import Path
 
-import hydra
 import lightning as L
 import torch
-from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -25,9 +23,8 @@ from distill.data.text import TextDataModule
 from distill.hidden_kd import kept_layers_from, layer_pairs
 from distill.models.loading import count_parameters, load_causal_lm, load_tokenizer, resolve_device
 from distill.module import DistillModule, output_rows
-from distill.paths import configs_dir, recipes_dir
 from distill.prune.stage import prune_stage
-from distill.rundir import checkpoint_to_resume, register_resolvers
+from distill.rundir import checkpoint_to_resume
 from distill.summary import print_comparison
 from distill.trackers import build_loggers
 from distill.vocab import shared_vocab_size
@@ -183,33 +180,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     return summary
 
 
-def _hydra_argv(argv: list[str]) -> list[str]:
-    """`recipe=<name>` picks the primary config; configs/ joins the search path."""
-    flags, overrides, name = [], [], "nano-text"
-    for arg in argv:
-        if arg.startswith("recipe="):
-            name = arg.split("=", 1)[1]
-        elif arg.startswith("-"):
-            flags.append(arg)  # argparse wants flags (-m, --cfg job) before the overrides
-        else:
-            overrides.append(arg)
-    return [
-        *flags,
-        f"--config-name={name}",
-        f"hydra.searchpath=[file://{configs_dir()}]",
-        *overrides,
-    ]
-
-
 def main(argv: list[str]) -> int:
-    import sys
+    from distill.hydra_app import run_hydra_app
 
-    register_resolvers()
-    sys.argv = [sys.argv[0], *_hydra_argv(argv)]
-
-    @hydra.main(config_path=str(recipes_dir()), config_name="nano-text", version_base="1.3")
-    def _train(cfg: DictConfig) -> None:
-        run(cfg, Path(HydraConfig.get().runtime.output_dir))
-
-    _train()
-    return 0
+    return run_hydra_app(run, argv)

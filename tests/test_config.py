@@ -3,24 +3,17 @@
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
+from distill.hydra_app import compose_recipe
 from distill.paths import configs_dir, recipes_dir
-from distill.rundir import register_resolvers
 
 RECIPES = sorted(p.stem for p in recipes_dir().glob("*.yaml"))
 GROUP_OPTIONS = sorted((p.parent.name, p.stem) for p in configs_dir().glob("*/*.yaml"))
 
 
 def _compose(recipe: str, overrides: list[str] = ()):
-    register_resolvers()
-    with initialize_config_dir(config_dir=str(recipes_dir()), version_base="1.3"):
-        return compose(
-            recipe,
-            overrides=[f"hydra.searchpath=[file://{configs_dir()}]", *overrides],
-            return_hydra_config=True,
-        )
+    return compose_recipe(recipe, overrides, return_hydra_config=True)
 
 
 @pytest.mark.parametrize("recipe", RECIPES)

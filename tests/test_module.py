@@ -160,16 +160,9 @@ def test_padded_student_vocab_is_sliced_to_the_shared_size():
 
 
 def _compose(*overrides: str):
-    from hydra import compose, initialize_config_dir
+    from distill.hydra_app import compose_recipe
 
-    from distill.paths import configs_dir, recipes_dir
-    from distill.rundir import register_resolvers
-
-    register_resolvers()
-    with initialize_config_dir(config_dir=str(recipes_dir()), version_base="1.3"):
-        return compose(
-            "nano-text", overrides=[f"hydra.searchpath=[file://{configs_dir()}]", *overrides]
-        )
+    return compose_recipe(overrides=overrides)
 
 
 def test_train_wiring_rejects_a_student_with_another_tokenizer(tmp_path, tokenizer):

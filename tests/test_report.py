@@ -205,19 +205,11 @@ def test_cli_rejects_bad_input(tmp_path):
 def test_training_eval_stage_uses_recipe_config_and_skips_when_done(
     tmp_path, tokenizer, tiny_teacher_dir, tiny_student_dir
 ):
-    from hydra import compose, initialize_config_dir
-
-    from distill.paths import configs_dir, recipes_dir
-    from distill.rundir import register_resolvers
+    from distill.hydra_app import compose_recipe
     from eval.stage import eval_stage
 
-    register_resolvers()
     overrides = [f"eval.{k}={v}" for k, v in SMALL.items()]
-    with initialize_config_dir(config_dir=str(recipes_dir()), version_base="1.3"):
-        cfg = compose(
-            "nano-text",
-            overrides=[f"hydra.searchpath=[file://{configs_dir()}]", "logger=csv", *overrides],
-        )
+    cfg = compose_recipe(overrides=["logger=csv", *overrides])
     assert cfg.eval._target_ == "eval.suite.EvalSettings"
     teacher = AutoModelForCausalLM.from_pretrained(tiny_teacher_dir).eval()
     student = AutoModelForCausalLM.from_pretrained(tiny_student_dir).eval()

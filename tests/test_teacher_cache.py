@@ -122,19 +122,11 @@ def test_cache_teacher_cli_then_train_from_it(tmp_path, tiny_teacher_dir):
     assert meta["k"] == 16 and meta["num_blocks"] == 8
 
     # train.py wiring: loss=topk_cached trains from that cache with no teacher in the module
-    from hydra import compose, initialize_config_dir
-
+    from distill.hydra_app import compose_recipe
     from distill.models.loading import load_causal_lm, load_tokenizer
-    from distill.paths import configs_dir, recipes_dir
-    from distill.rundir import register_resolvers
     from distill.train import build_datamodule, build_module
 
-    register_resolvers()
-    with initialize_config_dir(config_dir=str(recipes_dir()), version_base="1.3"):
-        cfg = compose(
-            "nano-text",
-            overrides=[f"hydra.searchpath=[file://{configs_dir()}]", *common, "loss=topk_cached"],
-        )
+    cfg = compose_recipe(overrides=[*common, "loss=topk_cached"])
     assert Path(cfg.loss.cache) == cache_dir
     teacher = load_causal_lm(str(tiny_teacher_dir))
     data = build_datamodule(cfg, load_tokenizer(str(tiny_teacher_dir)), tmp_path)

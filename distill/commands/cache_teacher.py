@@ -8,17 +8,13 @@ trains from it with no teacher in memory.
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 
-import hydra
 import torch
 from omegaconf import DictConfig
 
 from distill.data.teacher_cache import write_cache
 from distill.models.loading import load_causal_lm, load_tokenizer, resolve_device
-from distill.paths import recipes_dir
-from distill.rundir import register_resolvers
 
 log = logging.getLogger(__name__)
 
@@ -55,21 +51,17 @@ def cache(cfg: DictConfig) -> dict:
 
 
 def main(argv: list[str]) -> int:
-    from distill.train import _hydra_argv
+    from distill.hydra_app import run_hydra_app
 
-    register_resolvers()
     overrides = list(argv)
     if not any(a.startswith("loss=") for a in overrides):
         overrides.insert(0, "loss=topk_cached")
     if not any(a.startswith("hydra.run.dir=") for a in overrides):
         overrides.append("hydra.run.dir=${loss.cache}")  # config + log sit with the shards
-    sys.argv = [sys.argv[0], *_hydra_argv(overrides)]
 
-    @hydra.main(config_path=str(recipes_dir()), config_name="nano-text", version_base="1.3")
-    def _cache(cfg: DictConfig) -> None:
+    def _cache(cfg: DictConfig, run_dir) -> None:
         if not cfg.loss.cache:
             raise ValueError("loss.cache is not set: pass loss=topk_cached or loss.cache=<dir>")
         cache(cfg)
 
-    _cache()
-    return 0
+    return run_hydra_app(_cache, overrides)

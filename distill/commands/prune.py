@@ -11,22 +11,18 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from dataclasses import asdict
 from pathlib import Path
 
-import hydra
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 
+from distill.hydra_app import run_hydra_app
 from distill.models.loading import load_causal_lm, load_tokenizer, resolve_device
-from distill.paths import recipes_dir
 from distill.prune.plan import Dims
 from distill.prune.stage import prune_stage
-from distill.rundir import register_resolvers
-from distill.train import _hydra_argv, build_datamodule
+from distill.train import build_datamodule
 
 log = logging.getLogger(__name__)
 
@@ -71,12 +67,4 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
 
 
 def main(argv: list[str]) -> int:
-    register_resolvers()
-    sys.argv = [sys.argv[0], *_hydra_argv(argv)]
-
-    @hydra.main(config_path=str(recipes_dir()), config_name="nano-text", version_base="1.3")
-    def _prune(cfg: DictConfig) -> None:
-        run(cfg, Path(HydraConfig.get().runtime.output_dir))
-
-    _prune()
-    return 0
+    return run_hydra_app(run, argv)
