@@ -17,6 +17,7 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
+from distill.commands.keyvalue import split_key_values
 from distill.paths import configs_dir
 
 log = logging.getLogger(__name__)
@@ -26,21 +27,8 @@ ARGS = ("student", "teacher", "output_dir", "int8", "run_dir", "device", "eval",
 
 def parse_args(argv: list[str]) -> tuple[dict[str, str], list[str]]:
     """Split key=value arguments into this command's own and the eval.* overrides for Hydra."""
-    args: dict[str, str] = {}
-    overrides = []
-    for arg in argv:
-        key, sep, value = arg.partition("=")
-        if not sep:
-            raise SystemExit(f"expected key=value, got '{arg}' (keys: {', '.join(ARGS)}, eval.*)")
-        if key in ARGS:
-            args[key] = value
-        elif key.startswith("eval."):
-            overrides.append(arg)
-        else:
-            raise SystemExit(
-                f"unknown argument '{key}'; use one of {', '.join(ARGS)} or eval.<knob>"
-            )
-    return args, overrides
+    args, overrides = split_key_values(argv, ARGS, ["eval"])
+    return args, overrides["eval"]
 
 
 def find_run_files(args: dict[str, str]) -> dict[str, str | None]:

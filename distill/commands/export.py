@@ -12,29 +12,17 @@ from __future__ import annotations
 
 from omegaconf import OmegaConf
 
+from distill.commands.keyvalue import split_key_values
 from distill.paths import configs_dir
 
 ARGS = ("checkpoint", "quant", "output_dir", "tokenizer")
 
 
 def parse_args(argv: list[str]) -> tuple[dict[str, str], list[str], list[str]]:
-    """(this command's args, quant.* overrides, serving.* overrides)."""
-    args: dict[str, str] = {}
-    quant_overrides, serving_overrides = [], []
-    for arg in argv:
-        key, sep, value = arg.partition("=")
-        if not sep:
-            raise SystemExit(f"expected key=value, got '{arg}' (keys: {', '.join(ARGS)})")
-        if key in ARGS:
-            args[key] = value
-        elif key.startswith("quant."):
-            quant_overrides.append(arg.removeprefix("quant."))
-        elif key.startswith("serving."):
-            serving_overrides.append(arg.removeprefix("serving."))
-        else:
-            raise SystemExit(
-                f"unknown argument '{key}'; use {', '.join(ARGS)}, quant.<knob> or serving.<knob>"
-            )
+    """(this command's args, quant.* overrides, serving.* overrides), prefixes stripped."""
+    args, overrides = split_key_values(argv, ARGS, ["quant", "serving"])
+    quant_overrides = [a.removeprefix("quant.") for a in overrides["quant"]]
+    serving_overrides = [a.removeprefix("serving.") for a in overrides["serving"]]
     for required in ("checkpoint", "output_dir"):
         if required not in args:
             raise SystemExit(f"export needs {required}=<dir>")
