@@ -2,31 +2,37 @@
 
 The scheme (shared by QAT, PTQ, the export and the runtime) is W8A8-int:
   * weights: int8, symmetric, one fp32 scale per output channel (per row of the weight);
-    scale = max|w_row| / 127.5, q = clamp(round(w / scale), -128, 127)  — the same formula as
-    torchao's fake quantizer and compressed-tensors' `calculate_qparams`, so a QAT-trained
-    weight lands on exactly the grid the export writes.
+    scale = max|w_row| / 127.5 (in the weight's dtype, at least its smallest normal),
+    q = clamp(round_half_even(w · (1 / scale)), -128, 127): torchao's fake quantizer's rule,
+    reproduced bit for bit by `quantize_weight` (multiplying by the reciprocal, not dividing:
+    at w/scale = ±k.5 the two round to different integers), so a QAT-trained weight lands on
+    exactly the grid the export writes (tests/test_int8_rounding.py pins it to torchao).
   * activations: int8, asymmetric, dynamic per token (scale + zero point computed per call
     for each token's row; torchao's QAT fake quantizer implements only the asymmetric
     per-token variant, so the export follows it).
 
-Fast path: fbgemm's dynamic int8 linear (`torch.ops.quantized.linear_dynamic`, the kernel
-behind `torch.ao` dynamic quantization). Measured on this 2-core AVX2 CPU at batch 1 it ran
-SmolLM2 shapes 2–8× faster than fp32 (the 576×49152 lm_head 8.6×); torchao's CPU paths
-(`torch._weight_int8pack_mm`, `torch._int_mm`) were 10–100× *slower* than fp32 here. No library
-exposes fbgemm with a plain (int8 weight, scale) interface, hence this small wrapper.
-
-Numerics of the fast path differ slightly from the reference (dequantized weight, per-token
-activation fake-quant): fbgemm quantizes activations per call with one asymmetric uint8 scale
-over the whole (tokens, features) matrix, with `reduce_range` (7-bit) on x86 to avoid int16
-overflow. So `Int8Linear` calls fbgemm once per token (decode: 1 to `max_fast_rows` rows) and
-runs prefill-sized inputs through the reference (dequantized weight, per-token fake quant) in
-fp32, where GEMMs are compute-bound anyway. `Int8Linear.reference` is that exact reference.
+Fast path, and why it is batch-invariant: fbgemm's dynamic int8 linear
+(`torch.ops.quantized.linear_dynamic`, the kernel behind `torch.ao` dynamic quantization) picks
+ONE activation scale for the whole (tokens, features) input, so a token's numerics would depend
+on the other rows in its step (and one outlier token wrecks a long prefill: perplexity
+43.9 → 172.8). We therefore quantize activations per token ourselves (the reference rule) and
+hand fbgemm integers it can represent exactly: with an extra "anchor" row holding the grid's
+min and max, fbgemm's chosen scale is exactly 1 and its zero point fixed, so its int32
+accumulation computes w_scale · (q_token · W_int8ᵀ) exactly for every row, whatever else the
+step holds. The per-token scale and zero point are applied afterwards, row by row. Result:
+the same bits for a token alone, batched with others, or in a prefill chunk of any size, and
+within ~1e-5 of the fp32 reference. On CPUs whose int8 dot product saturates 16-bit pairs
+(AVX2 without VNNI, where fbgemm needs 7-bit activations), each row is split into a 7-bit
+high part and a 1-bit low part in the same call (twice the rows); `full_range_int8_exact`
+probes which holds at first use. No library exposes fbgemm with a plain (int8 weight, scale,
+per-token activation) interface, hence this small wrapper.
 
 `serve` is a leaf package: torch only here, no transformers.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import warnings
 
@@ -41,10 +47,17 @@ _EPS = torch.finfo(torch.float32).eps
 
 
 def quantize_weight(weight: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-output-channel symmetric int8: weight (out, in) → (q int8 (out, in), scale fp32 (out, 1))."""
-    w = weight.detach().float()
-    scale = (w.abs().amax(dim=1, keepdim=True) / ((QMAX - QMIN) / 2)).clamp_min(_EPS)  # (out, 1)
-    q = torch.clamp(torch.round(w / scale), QMIN, QMAX).to(torch.int8)
+    """Per-output-channel symmetric int8: weight (out, in) → (q int8 (out, in), scale fp32 (out, 1)).
+
+    The one rounding rule of QAT and the export: torchao's `IntxFakeQuantizer` (int8,
+    per_channel, symmetric; `choose_qparams_affine` + `_quantize_affine_no_dtype_cast`) step for
+    step, so `dequantize_weight(*quantize_weight(w))` equals its fake-quantized `w` exactly.
+    """
+    w = weight.detach()
+    w = w if w.is_floating_point() else w.float()
+    amax = w.abs().amax(dim=1, keepdim=True)  # (out, 1), in w's dtype as torchao computes it
+    scale = (amax / ((QMAX - QMIN) / 2)).clamp_min(torch.finfo(w.dtype).smallest_normal).float()
+    q = torch.clamp(torch.round(w.float() * (1.0 / scale)), QMIN, QMAX).to(torch.int8)
     return q, scale
 
 
@@ -53,9 +66,11 @@ def dequantize_weight(q: Tensor, scale: Tensor) -> Tensor:
     return q.float() * scale.float().reshape(-1, 1)
 
 
-def fake_quantize_per_token(x: Tensor) -> Tensor:
-    """Asymmetric int8 per-token dynamic fake quant of activations x (..., features).
+def quantize_per_token(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Asymmetric int8 per-token dynamic quantization of activations x (tokens, features).
 
+    Returns (q, scale, zero_point): q (tokens, features) holds integers in [-128, 127] as fp32,
+    scale and zero_point are (tokens, 1); x ≈ (q - zero_point) · scale.
     scale = (max - min) / 255 over each token's row (range widened to include 0),
     zero_point = round(-128 - min / scale): compressed-tensors' dynamic `token` formula, and
     torchao's per-token QAT fake quantizer (which only implements the asymmetric variant).
@@ -65,7 +80,62 @@ def fake_quantize_per_token(x: Tensor) -> Tensor:
     scale = ((hi - lo) / (QMAX - QMIN)).clamp_min(_EPS)
     zero_point = torch.clamp(torch.round(QMIN - lo / scale), QMIN, QMAX)
     q = torch.clamp(torch.round(x / scale) + zero_point, QMIN, QMAX)
-    return (q - zero_point) * scale
+    return q, scale, zero_point
+
+
+def fake_quantize_per_token(x: Tensor) -> Tensor:
+    """x (..., features) through per-token int8 quantization and back (see quantize_per_token)."""
+    q, scale, zero_point = quantize_per_token(x.reshape(-1, x.shape[-1]))
+    return ((q - zero_point) * scale).reshape(x.shape)
+
+
+def _anchor(features: int, lo: float, hi: float) -> Tensor:
+    row = torch.zeros(1, features)
+    row[0, 0], row[0, -1] = lo, hi
+    return row
+
+
+def _exact_int8_matmul(q: Tensor, packed, full_range: bool) -> Tensor:
+    """w_scale · (q · W_int8ᵀ) for integer-valued q (rows, in) in [-128, 127], exactly.
+
+    The anchor row pins fbgemm's dynamic range to the grid, so its scale is 1 and every row's
+    integers pass through unchanged (see the module docstring)."""
+    rows, features = q.shape
+    if full_range:  # 8-bit grid: scale (127 + 128) / 255 = 1, zero point 128
+        stacked = torch.cat((q, _anchor(features, QMIN, QMAX)))
+        return torch.ops.quantized.linear_dynamic(stacked, packed, False)[:rows]
+    # 7-bit grid (reduce_range): u = q + 128 = 2·high + low with high - 64 in [-64, 63], low in
+    # {0, 1}; scale (63 + 64) / 127 = 1, zero point 64. q = 2·(high - 64) + low.
+    u = q + 128
+    high = torch.div(u, 2, rounding_mode="floor")
+    stacked = torch.cat((high - 64, u - 2 * high, _anchor(features, -64, 63)))
+    out = torch.ops.quantized.linear_dynamic(stacked, packed, True)
+    return 2 * out[:rows] + out[rows : 2 * rows]
+
+
+@functools.cache
+def full_range_int8_exact() -> bool:
+    """Whether fbgemm accumulates full-range uint8 × int8 products exactly on this CPU.
+
+    True with VNNI (int32 dot products); False where pairs of products are summed in
+    saturating int16 (AVX2), which the worst case below (255 · 127 · 2 > 32767) exposes."""
+    if not _select_engine():
+        return False
+    q = torch.full((4, 64), QMAX, dtype=torch.int8)
+    q[1] = QMIN
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        qw = torch._make_per_channel_quantized_tensor(
+            q, torch.ones(4, dtype=torch.double), torch.zeros(4, dtype=torch.long), 0
+        )
+    packed = torch.ops.quantized.linear_prepack(qw, None)
+    x = torch.full((2, 64), float(QMAX))
+    x[1] = QMIN
+    exact = x.double() @ q.double().T
+    got = _exact_int8_matmul(x, packed, full_range=True).double()
+    ok = torch.equal(got, exact)
+    log.info("fbgemm int8: %s activations", "8-bit" if ok else "7-bit split (no VNNI)")
+    return ok
 
 
 def fbgemm_available() -> bool:
@@ -86,16 +156,13 @@ def _select_engine() -> bool:
 
 
 class Int8Linear(nn.Module):
-    """y = x · dequant(Wq)ᵀ + b with int8 weights; fbgemm dynamic int8 kernel when available.
+    """y = x · dequant(Wq)ᵀ + b with int8 weights and per-token int8 activations.
 
     Build with `Int8Linear.from_int8(q (out, in) int8, scale (out,) or (out, 1), bias)` or
-    `Int8Linear.from_float(linear)`. Holds only the packed int8 weight on the fast path
-    (about a quarter of the fp32 bytes). `forward(x (..., in)) → (..., out)` fp32.
+    `Int8Linear.from_float(linear)`. On the fast path it holds only the packed int8 weight
+    (about a quarter of the fp32 bytes). `forward(x (..., in)) → (..., out)` fp32; a token's
+    output does not depend on the other tokens in the call (see the module docstring).
     """
-
-    # fbgemm runs at most this many tokens per call (one call each); more rows take the
-    # dequantized fp32 path (prefill). Decode batches up to this size stay on int8 kernels.
-    max_fast_rows: int = 16
 
     def __init__(
         self, q: Tensor, scale: Tensor, bias: Tensor | None = None, fast: bool = True
@@ -117,7 +184,10 @@ class Int8Linear(nn.Module):
                 qw = torch._make_per_channel_quantized_tensor(
                     q.contiguous(), scale.double(), torch.zeros_like(scale, dtype=torch.long), 0
                 )
-            self._packed = torch.ops.quantized.linear_prepack(qw, self.bias)
+            self._packed = torch.ops.quantized.linear_prepack(qw, None)
+            self._full_range = full_range_int8_exact()
+            # w_scale · Σ_k W_int8[j, k]: the zero point's share of each output, (out,)
+            self.register_buffer("zero_point_weight", scale * q.float().sum(1), persistent=False)
         else:
             if fast:
                 log.warning("no fbgemm/x86 quantized engine; Int8Linear uses the reference path")
@@ -154,19 +224,14 @@ class Int8Linear(nn.Module):
         return F.linear(fake_quantize_per_token(x.float()), self.dequantized_weight(), self.bias)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self._packed is None:
+            return self.reference(x)
         shape = x.shape
-        rows = x.reshape(-1, shape[-1]).float()  # (tokens, in)
-        if self._packed is None or rows.shape[0] > self.max_fast_rows:
-            # Prefill: compute-bound, so fp32 GEMM on the dequantized weight loses little, and
-            # fbgemm's single activation scale over many tokens wrecks accuracy (one outlier
-            # token sets the range for all: measured perplexity 43.9 → 172.8 on the student).
-            y = F.linear(fake_quantize_per_token(rows), self.dequantized_weight(), self.bias)
-        elif rows.shape[0] == 1:
-            y = torch.ops.quantized.linear_dynamic(rows.contiguous(), self._packed, True)
-        else:  # a few decode rows: one fbgemm call per token keeps per-token activation scales
-            y = torch.cat(
-                [torch.ops.quantized.linear_dynamic(r, self._packed, True) for r in rows.split(1)]
-            )
+        q, scale, zero_point = quantize_per_token(x.reshape(-1, shape[-1]).float())
+        acc = _exact_int8_matmul(q, self._packed, self._full_range)  # (tokens, out)
+        y = (acc - zero_point * self.zero_point_weight) * scale
+        if self.bias is not None:
+            y = y + self.bias
         return y.reshape(*shape[:-1], self.out_features)  # (..., out)
 
     def extra_repr(self) -> str:
