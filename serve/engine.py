@@ -121,6 +121,11 @@ class Engine:
             raise ValueError(f"prompt has {len(prompt)} tokens; the context length is {ctx}")
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer; this engine has none")
+        if any(t >= self.args.vocab_size for t in params.stop_token_ids):
+            raise ValueError(
+                f"stop_token_ids {list(params.stop_token_ids)} reach outside the vocabulary "
+                f"[0, {self.args.vocab_size}): such a token is never generated"
+            )
         if queue_size and queue_size < params.n:
             raise ValueError(
                 f"queue_size {queue_size} cannot hold one output of each of n={params.n}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from numbers import Integral
 
 import torch
 
@@ -19,8 +20,8 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0  # 0 = off
     seed: int | None = None  # same seed, same prompt, same model → same output
-    stop: tuple[str, ...] = ()
-    stop_token_ids: tuple[int, ...] = ()
+    stop: tuple[str, ...] = ()  # matched on the text with special tokens (see TextStream)
+    stop_token_ids: tuple[int, ...] = ()  # each must be in the engine's vocabulary
     ignore_eos: bool = False
     n: int = 1
     logprobs: bool = False  # report the chosen token's logprob
@@ -41,7 +42,14 @@ class SamplingParams:
                 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS,
                 f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs}",
             ),
-            (all(s for s in self.stop), "stop strings must be non-empty"),
+            (
+                all(isinstance(s, str) and s for s in self.stop),
+                f"stop must be non-empty strings, got {list(self.stop)!r}",
+            ),
+            (
+                all(isinstance(t, Integral) and t >= 0 for t in self.stop_token_ids),
+                f"stop_token_ids must be token ids >= 0, got {list(self.stop_token_ids)!r}",
+            ),
         ]
         for ok, message in checks:
             if not ok:
