@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "main",
         "HF dir + serving.json (quant=none|int8: compressed-tensors INT8)",
     ),
+    "serve": ("distill.commands.serve", "main", "OpenAI-compatible server for an export dir"),
 }
 
 
