@@ -27,17 +27,22 @@ CACHE_READ_FRACTION = 0.1  # prompt-cache reads are priced at 10% of the input r
 
 @dataclass
 class Pricing:
-    """USD per 1M tokens. `cache_read_per_1m` defaults to 0.1 × input."""
+    """USD per 1M tokens. `cache_read_per_1m` defaults to 0.1 × input,
+    `cache_creation_per_1m` (prompt tokens newly written to the cache) to the input rate."""
 
     input_per_1m: float = 0.05
     output_per_1m: float = 0.20
     cache_read_per_1m: float | None = None
+    cache_creation_per_1m: float | None = None
     currency: str = "USD"
 
     def __post_init__(self) -> None:
         if self.cache_read_per_1m is None:
             self.cache_read_per_1m = round(CACHE_READ_FRACTION * self.input_per_1m, 12)
-        for name in ("input_per_1m", "output_per_1m", "cache_read_per_1m"):
+        if self.cache_creation_per_1m is None:
+            self.cache_creation_per_1m = self.input_per_1m
+        rates = ("input_per_1m", "output_per_1m", "cache_read_per_1m", "cache_creation_per_1m")
+        for name in rates:
             if getattr(self, name) < 0:
                 raise ValueError(f"serving.json pricing.{name} must be >= 0")
 
