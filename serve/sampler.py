@@ -26,6 +26,8 @@ class SamplingParams:
     n: int = 1
     logprobs: bool = False  # report the chosen token's logprob
     top_logprobs: int = 0  # and this many top alternatives (≤ 20)
+    presence_penalty: float = 0.0  # subtracted once from every token already generated
+    frequency_penalty: float = 0.0  # subtracted per occurrence in the generated tokens
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -50,6 +52,14 @@ class SamplingParams:
                 all(isinstance(t, Integral) and t >= 0 for t in self.stop_token_ids),
                 f"stop_token_ids must be token ids >= 0, got {list(self.stop_token_ids)!r}",
             ),
+            (
+                -2 <= self.presence_penalty <= 2,
+                f"presence_penalty must be in [-2, 2], got {self.presence_penalty}",
+            ),
+            (
+                -2 <= self.frequency_penalty <= 2,
+                f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -58,6 +68,10 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def penalized(self) -> bool:
+        return self.presence_penalty != 0 or self.frequency_penalty != 0
 
 
 @dataclass
@@ -84,22 +98,37 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return x
 
 
+def apply_penalties(row: torch.Tensor, generated: Sequence[int], params: SamplingParams) -> None:
+    """OpenAI's presence and frequency penalties, in place on one row of logits [V]:
+    logits[t] -= presence × (count[t] > 0) + frequency × count[t], counted over `generated`."""
+    if not generated or not params.penalized:
+        return
+    ids, counts = torch.tensor(generated, dtype=torch.long).unique(return_counts=True)
+    row[ids] -= params.presence_penalty + params.frequency_penalty * counts.to(row.dtype)
+
+
 def sample(
     logits: torch.Tensor,
     params: Sequence[SamplingParams],
     generators: Sequence[torch.Generator | None],
     masks: Sequence[torch.Tensor | None],
+    generated: Sequence[Sequence[int]] | None = None,
 ) -> list[Choice]:
     """Pick one token per row of `logits` [S, V].
 
-    `masks[i]` ([V] bool, True = allowed) is a request's token constraint, applied before
-    sampling. Reported logprobs are the model's own distribution (log_softmax of the raw
-    logits), as OpenAI reports them, independent of temperature and constraints.
+    `generated[i]` (the row's tokens generated so far) feeds the presence/frequency
+    penalties; without it no penalty applies. `masks[i]` ([V] bool, True = allowed) is a
+    request's token constraint, applied before sampling. Reported logprobs are the model's
+    own distribution (log_softmax of the raw logits), as OpenAI reports them, independent of
+    temperature, penalties and constraints.
     """
     logits = logits.float()
+    penalized = [i for i, p in enumerate(params) if p.penalized] if generated is not None else []
     constrained = logits
-    if any(m is not None for m in masks):
+    if penalized or any(m is not None for m in masks):
         constrained = logits.clone()
+        for i in penalized:
+            apply_penalties(constrained[i], generated[i], params[i])
         for i, m in enumerate(masks):
             if m is not None:
                 constrained[i].masked_fill_(~m, float("-inf"))

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from serve.detokenizer import TextStream
 from serve.engine import Engine
-from serve.sampler import SamplingParams, filter_logits, sample
+from serve.sampler import SamplingParams, apply_penalties, filter_logits, sample
 
 
 def test_top_k_and_top_p_keep_the_right_tokens():
@@ -56,3 +57,65 @@ def test_engine_stop_string(tiny_teacher_dir):
     (stopped,) = engine.generate([prompt], SamplingParams(**{**vars(params), "stop": (stop,)}))[0]
     assert stopped.finish_reason == "stop"
     assert stopped.text == free.text[: free.text.index(stop)]
+
+
+def test_temperature_shapes_the_distribution():
+    """Empirical P(token 0) follows softmax(logits / T): ~0.87 at T=0.5, ~0.41 at T=2
+    (ignoring T would give 0.64 for both)."""
+    logits = torch.tensor([2.0, 1.0, 0.0, -1.0])
+    draws = 3000
+    for temperature in (0.5, 2.0):
+        params = [SamplingParams(temperature=temperature)] * draws
+        gen = torch.Generator().manual_seed(0)
+        rows = logits.expand(draws, -1)
+        picks = [c.token_id for c in sample(rows, params, [gen] * draws, [None] * draws)]
+        counts = torch.bincount(torch.tensor(picks), minlength=4).float() / draws
+        expected = (logits / temperature).softmax(-1)
+        # 3000 draws: the standard error of each frequency is below 0.01
+        assert torch.allclose(counts, expected, atol=0.03), (temperature, counts, expected)
+
+
+def test_penalties_follow_openai_formula():
+    row = torch.zeros(6)
+    params = SamplingParams(presence_penalty=0.5, frequency_penalty=0.25)
+    apply_penalties(row, [2, 2, 2, 5], params)
+    assert row.tolist() == [0, 0, -(0.5 + 3 * 0.25), 0, 0, -(0.5 + 0.25)]
+
+
+def test_penalties_change_the_greedy_pick():
+    logits = torch.tensor([[0.0, 1.0, 0.5, 0.9, 0.0]])
+    generated = [[1, 1, 3]]
+
+    def pick(**kw) -> int:
+        params = [SamplingParams(temperature=0, **kw)]
+        return sample(logits, params, [None], [None], generated)[0].token_id
+
+    assert pick() == 1
+    assert pick(presence_penalty=0.6) == 2  # 1 → 0.4, 3 → 0.3
+    assert pick(frequency_penalty=0.3) == 3  # 1 → 0.4 (twice), 3 → 0.6
+    assert pick(frequency_penalty=-2.0) == 1  # negative values encourage repetition
+    # without `generated` (the old call) no penalty applies
+    params = [SamplingParams(temperature=0, presence_penalty=2.0)]
+    assert sample(logits, params, [None], [None])[0].token_id == 1
+
+
+def test_penalties_keep_reported_logprobs_and_leave_other_rows_alone():
+    logits = torch.tensor([[3.0, 0.0, 0.0], [3.0, 0.0, 0.0]])
+    params = [
+        SamplingParams(temperature=0, presence_penalty=2.0, frequency_penalty=2.0, logprobs=True),
+        SamplingParams(temperature=0, logprobs=True),
+    ]
+    a, b = sample(logits, params, [None, None], [None, None], [[0, 0], [0, 0]])
+    assert a.token_id != 0 and b.token_id == 0
+    raw = torch.log_softmax(logits[0], -1)
+    assert a.logprob == pytest.approx(float(raw[a.token_id]))  # the model's own distribution
+    assert logits[0, 0] == 3.0  # the caller's logits are not modified
+
+
+@pytest.mark.parametrize("field", ["presence_penalty", "frequency_penalty"])
+@pytest.mark.parametrize("value", [-2.01, 2.5])
+def test_penalty_range(field, value):
+    with pytest.raises(ValueError, match=field):
+        SamplingParams(**{field: value})
+    SamplingParams(**{field: 2.0})
+    SamplingParams(**{field: -2.0})
