@@ -128,6 +128,18 @@ def ttft_cached_vs_cold(engine: Engine, reps: int = 3) -> dict:
     return {"cold_s": min(cold), "cached_s": min(warm), "ratio": min(warm) / min(cold)}
 
 
+def int8_vs_fp32(fp32: Engine, int8: Engine, fp32_rows: list[dict]) -> list[dict]:
+    """Aggregate decode tokens/s of the int8 engine at each batch size, ÷ fp32's in this run."""
+    rows = []
+    for row in fp32_rows:
+        b = row["batch"]
+        tps = engine_decode_tps(int8, b)
+        rows.append({"batch": b, "int8_tps": tps, "fp32_tps": row["engine_tps"],
+                     "ratio": tps / row["engine_tps"]})  # fmt: skip
+        log.info("batch %d: int8 %.1f tok/s = %.2f× fp32", b, tps, rows[-1]["ratio"])
+    return rows
+
+
 def decode_vs_bound(engine: Engine, bandwidth: float) -> dict:
     tps = engine_decode_tps(engine, 1)
     nbytes = weight_bytes_per_token(engine.model)
@@ -174,7 +186,14 @@ def main() -> None:
     log.info("ttft %s", results["ttft_1024"])
     bw = results["gemv_bandwidth_gb_s"] * 1e9
     results["bound"] = {"teacher fp32": decode_vs_bound(engine, bw)}
-    del engine
+
+    # INT8 (PTQ of the same teacher) vs fp32 on the same engine, at every batch size.
+    with tempfile.TemporaryDirectory() as tmp:
+        int8_teacher = export(teacher, Path(tmp) / "int8", quant="int8", scheme=Int8Scheme())
+        engine8 = Engine(load_model(int8_teacher), kv_memory_bytes=2 << 30)
+    results["teacher_int8_vs_fp32"] = int8_vs_fp32(engine, engine8, results["decode"])
+    results["bound"]["teacher int8"] = decode_vs_bound(engine8, bw)
+    del engine, engine8
 
     students = [
         p for g in STUDENT_GLOBS for p in sorted(glob.glob(g)) if Path(p, "config.json").exists()
@@ -203,6 +222,11 @@ def print_table(r: dict) -> None:
         print(
             f"| {row['batch']} | {row['engine_tps']:.1f} | {row['transformers_tps']:.1f} | {row['speedup']:.2f}× |"
         )
+    print("\n| batch | teacher int8 tok/s | teacher fp32 tok/s | int8 ÷ fp32 |")
+    print("|---:|---:|---:|---:|")
+    for row in r["teacher_int8_vs_fp32"]:
+        print(f"| {row['batch']} | {row['int8_tps']:.1f} | {row['fp32_tps']:.1f} | "
+              f"{row['ratio']:.2f}× |")  # fmt: skip
     t = r["ttft_1024"]
     print(f"\nTTFT 1,024-token prompt: cold {t['cold_s'] * 1e3:.0f} ms, first 1,008 cached "
           f"{t['cached_s'] * 1e3:.0f} ms ({100 * t['ratio']:.1f}% of cold)")  # fmt: skip

@@ -75,11 +75,11 @@ def quantize_per_token(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     zero_point = round(-128 - min / scale): compressed-tensors' dynamic `token` formula, and
     torchao's per-token QAT fake quantizer (which only implements the asymmetric variant).
     """
-    lo = x.amin(dim=-1, keepdim=True).clamp_max(0)
-    hi = x.amax(dim=-1, keepdim=True).clamp_min(0)
-    scale = ((hi - lo) / (QMAX - QMIN)).clamp_min(_EPS)
-    zero_point = torch.clamp(torch.round(QMIN - lo / scale), QMIN, QMAX)
-    q = torch.clamp(torch.round(x / scale) + zero_point, QMIN, QMAX)
+    lo, hi = torch.aminmax(x, dim=-1, keepdim=True)
+    lo, hi = lo.clamp_(max=0), hi.clamp_(min=0)
+    scale = (hi - lo).div_(QMAX - QMIN).clamp_(min=_EPS)
+    zero_point = (lo / scale).neg_().add_(QMIN).round_().clamp_(QMIN, QMAX)  # QMIN - lo / scale
+    q = (x / scale).round_().add_(zero_point).clamp_(QMIN, QMAX)
     return q, scale, zero_point
 
 
@@ -229,9 +229,9 @@ class Int8Linear(nn.Module):
         shape = x.shape
         q, scale, zero_point = quantize_per_token(x.reshape(-1, shape[-1]).float())
         acc = _exact_int8_matmul(q, self._packed, self._full_range)  # (tokens, out)
-        y = (acc - zero_point * self.zero_point_weight) * scale
+        y = acc.addcmul_(zero_point, self.zero_point_weight, value=-1).mul_(scale)
         if self.bias is not None:
-            y = y + self.bias
+            y = y.add_(self.bias)
         return y.reshape(*shape[:-1], self.out_features)  # (..., out)
 
     def extra_repr(self) -> str:
