@@ -63,8 +63,9 @@ class Generation:
                 up = changed.setdefault(out.index, ChoiceUpdate(out.index))
                 if out.finish_reason != "abort":  # an abort's output carries no new token
                     up.text += out.text
-                    up.outputs.append(out)
                     self.completion_tokens += 1
+                    if not self._is_stop_token(out):  # OpenAI lists no EOS in logprobs
+                        up.outputs.append(out)
                 up.finish_reason = out.finish_reason
                 self.finish[out.index] = out.finish_reason
                 self.engine_usage = out.usage or self.engine_usage
@@ -81,6 +82,12 @@ class Generation:
                         self.finish[i] = "length"
             if changed:
                 yield [changed[i] for i in sorted(changed)]
+
+    def _is_stop_token(self, out) -> bool:
+        engine, params = self.state.model.engine, self.job.params
+        return out.finish_reason == "stop" and (
+            out.token_id in engine.eos or out.token_id in params.stop_token_ids
+        )
 
     async def _over_budget(self) -> bool:
         billing = self.state.billing
