@@ -34,11 +34,11 @@ class StepOutput:
 
     request_id: str
     index: int
-    token_id: int
+    token_id: int | None  # None on an aborted choice's final output
     text: str
     logprob: float | None = None
     top_logprobs: list[tuple[int, float]] = field(default_factory=list)
-    finish_reason: str | None = None  # "stop" | "length" when this choice ended
+    finish_reason: str | None = None  # "stop" | "length" | "abort" when this choice ended
     usage: dict | None = None  # on the request's last output
 
 
@@ -142,8 +142,11 @@ class Engine:
             rid = request_id or f"req-{next(self._ids)}"
             if rid in self.requests:
                 raise ValueError(f"request id '{rid}' is already running")
+            # Room for one extra output per choice beyond `queue_size`: an abort's final outputs
+            # must never block or be dropped, whatever the consumer has left unread.
+            outputs = queue.Queue(queue_size + params.n if queue_size else 0)
             req = Request(
-                rid, prompt, params, salt, tuple(images), token_mask, queue.Queue(queue_size)
+                rid, prompt, params, salt, tuple(images), token_mask, outputs, queue_size=queue_size
             )
             req.image_positions, req.image_embeds = image_positions, image_embeds
             base_seed = params.seed if params.seed is not None else secrets.randbits(62)
@@ -173,13 +176,24 @@ class Engine:
         return positions, self.vision(tiles).flatten(0, 1)
 
     def abort(self, request_id: str) -> bool:
-        """Stop a request now and free its KV blocks; False if it is not running."""
+        """Stop a request now, whatever its state (queued, prefilling, decoding), and free its
+        KV blocks. Every unfinished choice gets a final output with finish reason "abort" (the
+        last one carries the usage, billing what was generated), so a waiting consumer always
+        wakes. False if the request is not running."""
         with self._lock:
             req = self.requests.pop(request_id, None)
             if req is None:
                 return False
-            for seq in req.seqs:
+            live = [s for s in req.seqs if s.status is not Status.FINISHED]
+            for seq in live:
                 self.scheduler.finish(seq, "abort")
+            for i, seq in enumerate(live):
+                out = StepOutput(req.request_id, seq.index, None, "", finish_reason="abort")
+                if seq.text is not None:
+                    out.text = seq.text.flush()
+                if i == len(live) - 1:
+                    out.usage = self.usage(req)
+                req.outputs.put_nowait(out)
             return True
 
     def has_work(self) -> bool:
@@ -299,12 +313,26 @@ class Engine:
         return out
 
     def usage(self, req: Request) -> dict:
-        return {
-            "prompt_tokens": len(req.prompt),
+        """Token counts of a request, the one place every usage passes through (and is billed
+        from). Invariants, checked here:
+
+        * prompt_tokens is the prompt's length, counted once per request whatever n is;
+        * cached_tokens (prompt tokens read from the prefix cache) ≤ prompt_tokens, and
+          uncached + cached = prompt_tokens;
+        * cache_creation_tokens (prompt tokens this request newly cached) ≤ uncached;
+        * completion_tokens sums the generated tokens of all n choices.
+        """
+        prompt = len(req.prompt)
+        usage = {
+            "prompt_tokens": prompt,
             "completion_tokens": sum(len(s.generated) for s in req.seqs),
             "cached_tokens": req.cached_tokens,
-            "cache_creation_tokens": req.cache_creation_tokens,
+            "cache_creation_tokens": len(req.created_blocks) * self.pool.block_size,
         }
+        uncached = prompt - usage["cached_tokens"]
+        if not (0 <= uncached <= prompt and 0 <= usage["cache_creation_tokens"] <= uncached):
+            raise RuntimeError(f"usage invariants broken for {req.request_id}: {usage}")
+        return usage
 
     # ---- convenience ----------------------------------------------------------------------
 
@@ -331,11 +359,11 @@ class Engine:
             usage = out.usage or usage
         return [
             Completion(
-                token_ids=[o.token_id for o in outs],
+                token_ids=[o.token_id for o in outs if o.token_id is not None],
                 text="".join(o.text for o in outs),
                 finish_reason=outs[-1].finish_reason if outs else None,
-                logprobs=[o.logprob for o in outs],
-                top_logprobs=[o.top_logprobs for o in outs],
+                logprobs=[o.logprob for o in outs if o.token_id is not None],
+                top_logprobs=[o.top_logprobs for o in outs if o.token_id is not None],
                 usage=usage,
             )
             for outs in per

@@ -49,15 +49,16 @@ class Request:
     seqs: list[Sequence] = field(default_factory=list)
     image_positions: torch.Tensor | None = None  # [P] prompt positions of image placeholders
     image_embeds: torch.Tensor | None = None  # [P, d] the embeddings that replace them
-    cached_tokens: int = 0  # prompt tokens reused from the prefix cache (summed over choices)
-    cache_creation_tokens: int = 0  # prompt tokens this request newly cached
+    queue_size: int = 0  # outputs the consumer may leave unread before the request pauses
+    # Billing counts, once per request whatever n is (see `Engine.usage` for the invariants):
+    cached_tokens: int = 0  # prompt tokens the first choice reused from the prefix cache
+    created_blocks: set[int] = field(default_factory=set)  # prompt-only blocks newly cached
 
     @property
     def paused(self) -> bool:
         """True while the consumer has not made room for one more output per live choice."""
-        size = self.outputs.maxsize
         live = sum(s.status is not Status.FINISHED for s in self.seqs)
-        return size > 0 and self.outputs.qsize() + live > size
+        return self.queue_size > 0 and self.outputs.qsize() + live > self.queue_size
 
 
 @dataclass
@@ -140,7 +141,8 @@ class Scheduler:
         self.pool.acquire(hits)
         seq.blocks, seq.keys = list(hits), keys[: len(hits)]
         seq.num_computed = len(hits) * self.block_size
-        req.cached_tokens += seq.num_computed
+        if seq.index == 0:  # later choices share the first one's prompt: billed once
+            req.cached_tokens = seq.num_computed
         seq.status = Status.RUNNING
         self.running.append(seq)
         return True
@@ -196,10 +198,13 @@ class Scheduler:
                 seq.tokens[: full * self.block_size], self.block_size, req.salt, req.images,
                 parent=parent, first_block=first,
             )  # fmt: skip
+            prompt_blocks = seq.prompt_len // self.block_size
             for b, key in enumerate(new, start=first):
-                if self.pool.register(seq.blocks[b], key):
-                    in_prompt = min(self.block_size, max(0, seq.prompt_len - b * self.block_size))
-                    req.cache_creation_tokens += in_prompt
+                # Only blocks made wholly of prompt tokens count as the prompt's cache creation:
+                # a block holding generated tokens is keyed by them, and each choice writes
+                # its own.
+                if self.pool.register(seq.blocks[b], key) and b < prompt_blocks:
+                    req.created_blocks.add(b)
             seq.keys.extend(new)
 
     def finish(self, seq: Sequence, reason: str | None) -> None:

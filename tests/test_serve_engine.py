@@ -50,7 +50,8 @@ def test_cached_prefix_prefills_only_the_rest(model_dir):
     p = prompts(1, seed=3, lo=30, hi=31)[0]
     cold = engine.generate([p], GREEDY)[0][0]
     warm = engine.generate([p], GREEDY)[0][0]
-    assert cold.usage["cached_tokens"] == 0 and cold.usage["cache_creation_tokens"] == 30
+    # 3 full blocks of prompt are newly cached; the 6 tokens of the last block are not.
+    assert cold.usage["cached_tokens"] == 0 and cold.usage["cache_creation_tokens"] == 24
     # 29 usable tokens → 3 full blocks of 8 reused; the last token is always recomputed.
     assert warm.usage["cached_tokens"] == 24 and warm.usage["cache_creation_tokens"] == 0
     assert warm.token_ids == cold.token_ids
@@ -109,9 +110,52 @@ def test_n_choices_share_one_prompt_prefill(model_dir):
     engine = Engine.from_pretrained(model_dir, num_blocks=64, block_size=8)
     p = prompts(1, seed=12, lo=33, hi=34)[0]
     params = SamplingParams(max_tokens=5, temperature=1.0, seed=3, n=3)
-    (choices,) = engine.generate([p], params, salt="n3")
-    # Choice 1 prefills 33 tokens; choices 2 and 3 reuse its 4 full blocks (32 tokens).
-    assert choices[0].usage["cached_tokens"] == 64 and len(choices) == 3
+    req = engine.add_request(p, params, salt="n3")
+    engine.step()  # choice 1 prefills all 33 tokens; choices 2 and 3 wait for it
+    assert [s.num_computed for s in req.seqs] == [33, 0, 0]
+    engine.step()  # choices 2 and 3 reuse its 4 full blocks: the same physical blocks
+    assert req.seqs[1].blocks[:4] == req.seqs[2].blocks[:4] == req.seqs[0].blocks[:4]
+    while engine.has_work():
+        engine.step()
+    choices = Engine.collect(req)
+    assert len(choices) == 3
+    # Billed once: the prompt is 33 tokens, none came from an earlier request's cache.
+    assert choices[0].usage == {
+        "prompt_tokens": 33,
+        "completion_tokens": 15,
+        "cached_tokens": 0,
+        "cache_creation_tokens": 32,
+    }
+
+
+@pytest.mark.parametrize("n", [1, 2, 4])
+@pytest.mark.parametrize("length", [7, 8, 9, 15, 16, 17, 21, 24, 25])
+def test_usage_counts_add_up_over_n_lengths_and_cache_states(model_dir, n, length):
+    """prompt counted once whatever n; cached + uncached = prompt; creation ≤ uncached —
+    cold, warm (the same prompt again) and partly warm (a shared prefix)."""
+    bs = 8
+    engine = Engine.from_pretrained(model_dir, num_blocks=64, block_size=bs)
+    p = prompts(1, seed=length, lo=length, hi=length + 1)[0]
+    params = SamplingParams(max_tokens=3, temperature=1.0, seed=0, n=n, ignore_eos=True)
+
+    def usage(prompt):
+        (choices,) = engine.generate([prompt], params)
+        assert len({id(c.usage) for c in choices}) == 1  # one usage per request
+        return choices[0].usage
+
+    cold, warm = usage(p), usage(p)
+    assert cold == {
+        "prompt_tokens": length,
+        "completion_tokens": 3 * n,
+        "cached_tokens": 0,
+        "cache_creation_tokens": length // bs * bs,
+    }
+    # The last prompt token is always recomputed (its logits pick the first output token).
+    assert warm["cached_tokens"] == (length - 1) // bs * bs
+    assert warm["cache_creation_tokens"] == 0 and warm["prompt_tokens"] == length
+    longer = usage(p + [5] * 9)  # shares p's full blocks, then 9 new tokens
+    assert longer["cached_tokens"] == length // bs * bs
+    assert longer["cache_creation_tokens"] == (length + 9) // bs * bs - length // bs * bs
 
 
 def test_token_mask_hook_constrains_sampling(model_dir):
