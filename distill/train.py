@@ -27,6 +27,7 @@ from distill.prune.stage import prune_stage
 from distill.rundir import checkpoint_to_resume
 from distill.summary import print_comparison
 from distill.trackers import build_loggers
+from distill.validate import check_recipe
 from distill.vocab import shared_vocab_size
 
 log = logging.getLogger(__name__)
@@ -126,6 +127,7 @@ def compare(
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:
+    check_recipe(cfg, "train")  # every knob, before the teacher loads
     start = time.perf_counter()
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))

@@ -22,7 +22,9 @@ log = logging.getLogger(__name__)
 def cache(cfg: DictConfig) -> dict:
     """Load teacher and data as `train` does and write the cache; returns its meta."""
     from distill.train import build_datamodule
+    from distill.validate import check_recipe
 
+    check_recipe(cfg, "cache-teacher")  # every knob (top_k vs the vocabulary, …) before loading
     out_dir = Path(cfg.loss.cache)
     torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.teacher.name_or_path)
@@ -59,9 +61,4 @@ def main(argv: list[str]) -> int:
     if not any(a.startswith("hydra.run.dir=") for a in overrides):
         overrides.append("hydra.run.dir=${loss.cache}")  # config + log sit with the shards
 
-    def _cache(cfg: DictConfig, run_dir) -> None:
-        if not cfg.loss.cache:
-            raise ValueError("loss.cache is not set: pass loss=topk_cached or loss.cache=<dir>")
-        cache(cfg)
-
-    return run_hydra_app(_cache, overrides)
+    return run_hydra_app(lambda cfg, run_dir: cache(cfg), overrides)

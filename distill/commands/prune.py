@@ -23,12 +23,14 @@ from distill.models.loading import load_causal_lm, load_tokenizer, resolve_devic
 from distill.prune.plan import Dims
 from distill.prune.stage import prune_stage
 from distill.train import build_datamodule
+from distill.validate import check_recipe
 
 log = logging.getLogger(__name__)
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:
     """Load the teacher and the calibration text, prune, and return the stage's prune.json."""
+    check_recipe(cfg, "prune")  # every knob, before the teacher loads and calibrates
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     if cfg.data.get("max_train_blocks") is None:

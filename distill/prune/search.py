@@ -64,6 +64,7 @@ class Candidate:
     parameters: int
     fraction: float  # of the teacher's parameters
     retained: float  # product of per-axis retained importance fractions
+    in_window: bool = True  # within the budget window
 
     def rank_key(self, target: float) -> tuple:
         return (-self.dims.num_hidden_layers, -self.retained, abs(self.fraction - target))
@@ -117,32 +118,46 @@ def search_shape(
     pinned: dict[str, int] | None = None,
 ) -> tuple[Candidate, list[Candidate]]:
     """(chosen shape, every candidate considered, best first) for `target_fraction` of `model`."""
+    considered = budget_candidates(model, target_fraction, space, pinned)
+    teacher, head_dim = Dims.of(model.config), head_dim_of(model.config)
+    for i, c in enumerate(considered):
+        if c.in_window:  # scored only within the budget window
+            plan = make_plan(scores, teacher, c.dims, head_dim)
+            retained = math.prod(retained_importance(scores, plan).values())
+            considered[i] = Candidate(c.dims, c.parameters, c.fraction, retained)
+    feasible = [c for c in considered if not math.isnan(c.retained)]
+    feasible.sort(key=lambda c: c.rank_key(target_fraction))
+    return feasible[0], feasible + [c for c in considered if math.isnan(c.retained)]
+
+
+def budget_candidates(
+    model: nn.Module, target_fraction: float, space: SearchSpace, pinned: dict[str, int] | None
+) -> list[Candidate]:
+    """Every shape considered, unscored (`retained` NaN; `in_window` marks the budget window).
+
+    Needs only the parameter shapes, so a meta-device model checks a budget before any
+    calibration; raises ValueError when no shape lands in the window.
+    """
     if not 0 < target_fraction <= 1:
         raise ValueError(f"student.params={target_fraction} must be a fraction in (0, 1]")
     teacher = Dims.of(model.config)
     total = parameters_for(model, teacher)
-    head_dim = head_dim_of(model.config)
     considered = []
     shapes = candidate_dims(teacher, space, pinned or {})
     for dims in [d for d in shapes if config_problem(model.config, d) is None]:
         n = parameters_for(model, dims)
         fraction = n / total
-        retained = float("nan")  # scored only when within the budget window
-        if (1 - space.tolerance) * target_fraction <= fraction <= target_fraction:
-            plan = make_plan(scores, teacher, dims, head_dim)
-            retained = math.prod(retained_importance(scores, plan).values())
-        considered.append(Candidate(dims, n, fraction, retained))
-    feasible = [c for c in considered if not math.isnan(c.retained)]
-    if not feasible:
+        in_window = (1 - space.tolerance) * target_fraction <= fraction <= target_fraction
+        considered.append(Candidate(dims, n, fraction, float("nan"), in_window))
+    if not any(c.in_window for c in considered):
         closest = sorted(considered, key=lambda c: abs(c.fraction - target_fraction))[:3]
         raise ValueError(
-            f"no candidate shape within -{space.tolerance:.0%} of {target_fraction} × "
-            f"{total:,} parameters; closest: "
+            f"student.params={target_fraction}: no candidate shape within "
+            f"-{space.tolerance:.0%} of {target_fraction} × {total:,} parameters; closest: "
             + "; ".join(f"{asdict(c.dims)} = {c.fraction:.3f}" for c in closest)
             + ". Lower the width floors (student.search.*) or pin fewer dims."
         )
-    feasible.sort(key=lambda c: c.rank_key(target_fraction))
-    return feasible[0], feasible + [c for c in considered if math.isnan(c.retained)]
+    return considered
 
 
 def print_candidates(

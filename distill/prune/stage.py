@@ -56,7 +56,10 @@ def choose_dims(cfg: DictConfig, teacher: nn.Module, scores: dict, out_dir: Path
                 f"({', '.join(DIM_NAMES)})"
             )
         return Dims.of(teacher.config).replace(**pinned)
-    space = SearchSpace.from_dict(OmegaConf.to_container(cfg.get("search") or {}, resolve=True))
+    search = cfg.get("search")  # absent from student=depth: the defaults
+    space = SearchSpace.from_dict(
+        OmegaConf.to_container(search, resolve=True) if search is not None else {}
+    )
     chosen, candidates = search_shape(teacher, scores, float(budget), space, pinned)
     print_candidates(candidates, float(budget))
     out_dir.mkdir(parents=True, exist_ok=True)
