@@ -40,9 +40,11 @@ def set_limits(export_dir: Path, **limits) -> None:
 class LiveServer:
     """uvicorn serving `app` on 127.0.0.1 (a free port) in a thread; ready on `__enter__`."""
 
-    def __init__(self, app, timeout: float = 60):
+    def __init__(self, app, timeout: float = 60, send_buffer: int | None = 32 << 10):
         self.app, self.timeout = app, timeout
         self.sock = socket.socket()
+        if send_buffer:  # accepted sockets inherit it: a stalled reader fills it in ~15 chunks
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
         self.sock.bind(("127.0.0.1", 0))  # the port is ours before uvicorn starts
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
