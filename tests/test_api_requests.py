@@ -146,11 +146,23 @@ def test_continuous_usage_and_completion_stream(client):
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
 
 
+PENALTIES_SUPPORTED = "presence_penalty" in {f.name for f in dataclasses.fields(SamplingParams)}
+
+
 def test_penalties_pass_through_or_are_refused(client):
     assert chat(client, max_tokens=2, presence_penalty=0, frequency_penalty=0).status_code == 200
     r = chat(client, max_tokens=2, presence_penalty=0.5)
-    supported = "presence_penalty" in {f.name for f in dataclasses.fields(SamplingParams)}
-    assert r.status_code == (200 if supported else 400)
+    assert r.status_code == (200 if PENALTIES_SUPPORTED else 400)
+
+
+@pytest.mark.xfail(reason="Engine.step does not pass generated= to sample() yet", strict=False)
+def test_frequency_penalty_changes_greedy_output(client):
+    def tokens(**kw):
+        body = chat(client, max_tokens=40, temperature=0, logprobs=True, **kw).json()
+        return [e["token"] for e in body["choices"][0]["logprobs"]["content"]]
+
+    plain, penalized = tokens(), tokens(frequency_penalty=2.0)
+    assert len(set(penalized)) > len(set(plain)) or plain != penalized
 
 
 def test_unknown_fields_are_ignored(client):
@@ -234,18 +246,34 @@ def test_metrics(client):
 # ---- hooks: auth, billing, constraints -------------------------------------------------------
 
 
+class KeyError401(Exception):
+    """Like serve.auth.AuthError: an exception that carries its HTTP status and code."""
+
+    status, code, type = 401, "invalid_api_key", "invalid_request_error"
+
+    def __init__(self, message):
+        super().__init__(message)
+        self.message = message
+
+
+@dataclasses.dataclass
+class Caller:
+    name: str
+    cache_salt: str
+
+
 class FakeAuth:
     def authenticate(self, request):
         if request.headers.get("authorization") != "Bearer k1":
-            raise PermissionError("invalid API key")
-        return "tenant-1"
+            raise KeyError401("invalid API key")
+        return Caller("tenant-1", "salt-1")
 
 
 class FakeBilling:
     def __init__(self):
         self.records = []
 
-    def check(self, tenant, model, prompt_tokens, max_tokens, max_cost_usd):
+    def check(self, principal, model, prompt_tokens, max_tokens, max_cost_usd):
         from serve.api.errors import APIError
 
         if max_tokens > 50:
@@ -255,8 +283,8 @@ class FakeBilling:
     def cost(self, usage):
         return {"total_usd": usage["total_tokens"] * 1e-6}
 
-    async def record(self, tenant, model, request_id, usage, status):
-        self.records.append((tenant, model, request_id, usage, status))
+    async def record(self, principal, model, request_id, usage, status):
+        self.records.append((principal.name, model, request_id, usage, status))
 
 
 class ForceText:

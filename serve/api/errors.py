@@ -47,6 +47,15 @@ class APIError(Exception):
         self.type = type or ERROR_TYPES.get(status, "invalid_request_error")
         self.headers = headers
 
+    @classmethod
+    def from_exception(cls, exc: Exception) -> APIError | None:
+        """An exception that carries a 4xx `status` (and `message`, `type`, `code`, `param`)."""
+        status = getattr(exc, "status", None)
+        if not isinstance(status, int) or not 400 <= status < 500:
+            return None
+        return cls(status, getattr(exc, "message", None) or str(exc), getattr(exc, "param", None),
+                   getattr(exc, "code", None), getattr(exc, "type", None))  # fmt: skip
+
     def body(self) -> dict:
         return {
             "error": {
@@ -111,6 +120,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def unexpected(_: Request, exc: Exception):
+        if (error := APIError.from_exception(exc)) is not None:  # a hook's own error type
+            return error.response()
         log.exception("unhandled error in request", exc_info=exc)
         return APIError(400, f"request failed: {type(exc).__name__}: {exc}",
                         code="request_failed").response()  # fmt: skip

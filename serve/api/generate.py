@@ -47,7 +47,7 @@ class Generation:
             job.prompt_ids,
             job.params,
             request_id=job.id,
-            salt=job.tenant,
+            salt=job.salt,
             token_mask=job.token_mask,
             queue_size=state.queue_size * job.params.n,
         )
@@ -61,8 +61,8 @@ class Generation:
                 if self.finish[out.index] is not None:
                     continue
                 up = changed.setdefault(out.index, ChoiceUpdate(out.index))
-                if out.finish_reason != "abort":  # an abort's output carries no new token
-                    up.text += out.text
+                up.text += out.text
+                if out.token_id is not None:  # None: an abort's final output (no new token)
                     self.completion_tokens += 1
                     if not self._is_stop_token(out):  # OpenAI lists no EOS in logprobs
                         up.outputs.append(out)
@@ -93,21 +93,20 @@ class Generation:
         billing = self.state.billing
         if billing is None or not hasattr(billing, "over_budget"):
             return False
-        return bool(await call(billing, "over_budget", self.job.tenant, self.usage(),
+        return bool(await call(billing, "over_budget", self.job.principal, self.usage(),
                                self.job.max_cost_usd))  # fmt: skip
 
     def usage(self, final: bool = False) -> dict:
         """OpenAI usage: the engine's when the request finished, else counted so far (`final`:
         the engine has dropped the request, so its sequences can be read)."""
         req = self.stream.request if self.stream else None
-        completion = self.completion_tokens
-        if final and req is not None:
-            completion = sum(len(s.generated) for s in req.seqs)
-        raw = self.engine_usage or {
+        raw = self.engine_usage
+        if raw is None and final and req is not None:
+            raw = self.state.model.engine.usage(req)
+        raw = raw or {
             "prompt_tokens": len(self.job.prompt_ids),
-            "completion_tokens": completion,
-            "cached_tokens": req.cached_tokens if req else 0,
-            "cache_creation_tokens": req.cache_creation_tokens if req else 0,
+            "completion_tokens": self.completion_tokens,
+            "cached_tokens": getattr(req, "cached_tokens", 0),
         }
         usage = Usage.from_engine(raw).to_dict()
         billing = self.state.billing
@@ -143,5 +142,5 @@ class Generation:
         state = self.state
         state.metrics.running.dec()
         state.metrics.finished(self.job.id, self.job.params.n, usage)
-        await call(state.billing, "record", self.job.tenant, self.job.model, self.job.id, usage,
+        await call(state.billing, "record", self.job.principal, self.job.model, self.job.id, usage,
                    status)  # fmt: skip

@@ -36,7 +36,18 @@ class Prepared:
     continuous_usage: bool = False
     max_cost_usd: float | None = None
     token_mask: Any = None
-    tenant: str = ""
+    principal: Any = None  # what auth returned: a name, or an object with .name/.cache_salt
+
+    @property
+    def tenant(self) -> str:
+        """The ledger key: the principal's name ("" when the server has no auth)."""
+        p = self.principal
+        return "" if p is None else str(getattr(p, "name", p))
+
+    @property
+    def salt(self) -> str:
+        """The prefix-cache salt: tenants never share cached blocks."""
+        return str(getattr(self.principal, "cache_salt", self.tenant))
 
     @property
     def logprobs(self) -> bool:

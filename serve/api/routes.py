@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
@@ -22,12 +23,16 @@ def server(request: Request):
     return request.app.state.server
 
 
-async def tenant_of(request: Request) -> str:
-    """The caller's tenant (cache salt, ledger key); runs before the body is validated."""
+async def principal_of(request: Request):
+    """Who calls (auth's answer; None without auth). Runs before the body is validated, so a
+    missing key is a 401 whatever the body."""
     state = server(request)
     if state.auth is None:
-        return ""
-    return await call(state.auth, "authenticate", request) or ""
+        return None
+    return await call(state.auth, "authenticate", request)
+
+
+Principal = Annotated[Any, Depends(principal_of)]
 
 
 @router.get("/health")
@@ -45,14 +50,14 @@ async def metrics(request: Request):
 
 
 @router.get("/v1/models")
-async def models(request: Request, _: str = Depends(tenant_of)):
+async def models(request: Request, _: Principal):
     m = server(request).model
     card = ModelCard(id=m.name, created=m.created, context_length=m.context_length)
     return {"object": "list", "data": [card.model_dump()]}
 
 
 @router.get("/v1/models/{model_id:path}")
-async def model(model_id: str, request: Request, _: str = Depends(tenant_of)):
+async def model(model_id: str, request: Request, _: Principal):
     m = server(request).model
     if model_id != m.name:
         raise APIError(404, f"The model '{model_id}' does not exist", "model", "model_not_found")
@@ -60,18 +65,16 @@ async def model(model_id: str, request: Request, _: str = Depends(tenant_of)):
 
 
 @router.post("/v1/chat/completions")
-async def chat_completions(
-    body: ChatCompletionRequest, request: Request, tenant: str = Depends(tenant_of)
-):
-    return await _generate(body, request, tenant)
+async def chat_completions(body: ChatCompletionRequest, request: Request, principal: Principal):
+    return await _generate(body, request, principal)
 
 
 @router.post("/v1/completions")
-async def completions(body: CompletionRequest, request: Request, tenant: str = Depends(tenant_of)):
-    return await _generate(body, request, tenant)
+async def completions(body: CompletionRequest, request: Request, principal: Principal):
+    return await _generate(body, request, principal)
 
 
-async def _generate(body, request: Request, tenant: str):
+async def _generate(body, request: Request, principal):
     state = server(request)
     if state.draining:
         raise APIError(503, "the server is shutting down", code="server_shutting_down")
@@ -80,8 +83,8 @@ async def _generate(body, request: Request, tenant: str):
         raise APIError(429, f"too many requests in flight (limit {limit}); retry shortly",
                        code="too_many_requests", headers={"Retry-After": "1"})  # fmt: skip
     job = await prepare(body, state.model, state.constraints)
-    job.tenant = tenant
-    await call(state.billing, "check", tenant, job.model, len(job.prompt_ids),
+    job.principal = principal
+    await call(state.billing, "check", principal, job.model, len(job.prompt_ids),
                job.params.max_tokens * job.params.n, job.max_cost_usd)  # fmt: skip
     gen = Generation(job, state)
     state.active += 1
