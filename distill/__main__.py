@@ -46,7 +46,15 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     module, func, _ = COMMANDS[name]
     sys.argv = [f"distill {name}", *rest]  # Hydra reads sys.argv
-    result = getattr(importlib.import_module(module), func)(rest)
+    try:
+        result = getattr(importlib.import_module(module), func)(rest)
+    except ValueError as e:
+        from distill.validate import ConfigError  # lazily: `serve` never imports it
+
+        if not isinstance(e, ConfigError):
+            raise
+        print(f"error: {e}", file=sys.stderr)  # bad knobs, found before anything heavy ran
+        return 2
     return result if isinstance(result, int) else 0
 
 

@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 
 from distill.paths import configs_dir, recipes_dir
 from distill.rundir import register_resolvers
+from distill.validate import ConfigError
 
 DEFAULT_RECIPE = "nano-text"
 
@@ -45,7 +46,10 @@ def run_hydra_app(task: Callable[[DictConfig, Path], object], argv: Sequence[str
 
     @hydra.main(config_path=str(recipes_dir()), config_name=DEFAULT_RECIPE, version_base="1.3")
     def _app(cfg: DictConfig) -> None:
-        task(cfg, Path(HydraConfig.get().runtime.output_dir))
+        try:
+            task(cfg, Path(HydraConfig.get().runtime.output_dir))
+        except ConfigError as e:  # the knobs at fault, without a traceback
+            raise SystemExit(f"error: {e}") from e
 
     _app()
     return 0

@@ -268,9 +268,7 @@ def check_loss(cfg, p: Problems, shape: ModelShape | None, command: str) -> None
         if p.number(f"loss.{name}", _get(loss, name, 0.0), 0):
             weights[name] = _get(loss, name, 0.0)
     if weights.get("kd_weight") == 0 and weights.get("ce_weight") == 0:
-        p.add(
-            "loss.kd_weight, loss.ce_weight", (0, 0), "at least one must be > 0 (nothing to train)"
-        )
+        p.add("loss.kd_weight", weights["kd_weight"], "must be > 0 when loss.ce_weight=0 (no loss)")
     if kind == "jsd":
         p.number("loss.beta", _get(loss, "beta", 0.5), 0, 1, lo_open=True, hi_open=True)
     if kind in ("skew_forward_kl", "skew_reverse_kl"):
@@ -591,3 +589,26 @@ def _check_eval_group(eval_cfg, p: Problems, context: int | None) -> None:
         p.lines.append(f"eval: {getattr(e, '__cause__', None) or e}")
         return
     check_eval_settings(settings, p, context)
+
+
+def check_eval_command(settings, teacher: str, device: str) -> None:
+    """`python -m distill eval`: the suite's knobs against the teacher's shape, before loading."""
+    p = Problems()
+    if not isinstance(device, str) or not DEVICES.match(device):
+        p.add("device", device, "must be auto, cpu, mps, cuda or cuda:<index>")
+    elif device.startswith("cuda") and not _cuda():
+        p.add("device", device, "needs CUDA, and none is available (use auto or cpu)")
+    shape = model_shape("teacher", teacher, p)
+    check_eval_settings(settings, p, shape.context if shape else None)
+    p.raise_if_any("eval")
+
+
+def check_export(quant: str, scheme, serving) -> None:
+    """`python -m distill export`: quant choice, int8 scheme and serving.json knobs."""
+    from distill.export import QUANT_CHOICES
+
+    p = Problems()
+    p.choice("quant", quant, QUANT_CHOICES)
+    check_int8_scheme(scheme, p)
+    check_serving(serving, p, prefix="serving")
+    p.raise_if_any("export")

@@ -62,6 +62,7 @@ def find_run_files(args: dict[str, str]) -> dict[str, str | None]:
 def main(argv: list[str]) -> int:
     from distill.assets import TEACHER_NAME
     from distill.models.loading import load_tokenizer, resolve_device
+    from distill.validate import check_eval_command
     from eval.models import load_int8, load_model
     from eval.suite import evaluate
 
@@ -71,6 +72,7 @@ def main(argv: list[str]) -> int:
     with initialize_config_dir(config_dir=str(configs_dir()), version_base="1.3"):
         cfg = compose(overrides=[f"+eval={args.get('eval', 'full')}", *overrides])
     settings = instantiate(cfg.eval, _convert_="all")
+    check_eval_command(settings, teacher_path, args.get("device", "auto"))  # before any loading
     device = resolve_device(args.get("device", "auto"))
 
     tokenizer = load_tokenizer(teacher_path)

@@ -32,6 +32,7 @@ def parse_args(argv: list[str]) -> tuple[dict[str, str], list[str], list[str]]:
 def main(argv: list[str]) -> int:
     from distill.export import export
     from distill.quant import build_scheme
+    from distill.validate import check_export
 
     args, quant_overrides, serving_overrides = parse_args(argv)
     scheme_cfg = OmegaConf.merge(
@@ -42,6 +43,7 @@ def main(argv: list[str]) -> int:
         OmegaConf.load(configs_dir() / "serve" / "serving.yaml"),
         OmegaConf.from_dotlist(serving_overrides),
     )
+    check_export(args.get("quant", "none"), scheme_cfg, serving_cfg)  # before the model loads
     try:
         out = export(
             args["checkpoint"],

@@ -77,8 +77,9 @@ def write_cache(
     vocab: int | None = None,
 ) -> dict:
     """Run the teacher over `blocks` (N, S) and write shards + meta.json; returns the meta."""
-    if k < 1:
-        raise ValueError(f"top_k must be ≥ 1, got {k}")
+    width = vocab or output_width(teacher)
+    if not 1 <= k <= width:  # distill.validate checks this before the teacher loads, too
+        raise ValueError(f"loss.top_k={k}: must be an integer in [1, {width}] (the vocabulary)")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     device = next(teacher.parameters()).device
