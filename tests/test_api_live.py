@@ -153,7 +153,8 @@ def _rates(client, n: int, max_tokens: int) -> list[float]:
 def test_slow_reader_pauses_only_its_own_request(live, client):
     state = live.state
     engine, runner = state.model.engine, state.runner
-    baseline = sum(_rates(client, 2, 200))
+    # Best of two tries on each side: other processes share these cores.
+    baseline = max(sum(_rates(client, 2, 200)) for _ in range(2))
     body = {"model": MODEL, "messages": HI, "max_tokens": 400, "temperature": 0,
             "stream": True, "logprobs": True, "top_logprobs": 20}  # ~2 KB a chunk  # fmt: skip
     sock = _stalled_request(live.url, body)
@@ -165,7 +166,7 @@ def test_slow_reader_pauses_only_its_own_request(live, client):
         assert made < 400
         time.sleep(0.3)  # measuring that the engine thread idles, not synchronizing
         assert runner.steps - steps <= 1  # all paused: the runner sleeps instead of spinning
-        stalled = sum(_rates(client, 2, 200))
+        stalled = max(sum(_rates(client, 2, 200)) for _ in range(2))
         assert len(req.seqs[0].generated) == made  # still paused: others did not move it
         assert req.outputs.qsize() <= state.queue_size  # memory stays bounded
         assert stalled >= 0.8 * baseline, (stalled, baseline)

@@ -7,9 +7,11 @@ import json
 
 import pytest
 from api_support import ENGINE, MODEL, sse_events
+from fastapi import APIRouter
 from fastapi.testclient import TestClient
 
 from serve.api import ServedModel, create_app
+from serve.api.routes import Principal
 from serve.sampler import SamplingParams
 
 pytest_plugins = ["api_fixtures"]
@@ -293,7 +295,7 @@ class ForceText:
     def __init__(self, ids: list[int], eos: int, vocab: int):
         self.ids, self.eos, self.vocab = ids, eos, vocab
 
-    def token_mask(self, response_format, model):
+    def token_mask(self, response_format, model, n):
         import torch
 
         if response_format["type"] != "json_object":
@@ -315,9 +317,17 @@ def test_hooks_auth_billing_constraints(served, tokenizer):
     billing = FakeBilling()
     ids = tokenizer(TARGET, add_special_tokens=False)["input_ids"]
     force = ForceText(ids, tokenizer.eos_token_id, served.engine.args.vocab_size)
-    app = create_app(served, auth=FakeAuth(), billing=billing, constraints=force)
+    usage_router = APIRouter()
+
+    @usage_router.get("/v1/usage")
+    def usage_of(caller: Principal):  # an extra endpoint behind the same auth
+        return {"records": sum(r[0] == caller.name for r in billing.records)}
+
+    app = create_app(served, auth=FakeAuth(), billing=billing, constraints=force,
+                     routers=[usage_router])  # fmt: skip
     key = {"authorization": "Bearer k1"}
     with TestClient(app) as client:
+        assert client.get("/v1/usage").status_code == 401
         r = client.post("/v1/chat/completions", json={"messages": "wrong type"})
         assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
         r = client.post("/v1/chat/completions", headers=key,
@@ -342,6 +352,7 @@ def test_hooks_auth_billing_constraints(served, tokenizer):
                         "stream_options": None, "response_format": {"type": "json_schema",
                         "json_schema": {"name": "x", "schema": {"type": "object"}}}})  # fmt: skip
         assert r.status_code == 400 and r.json()["error"]["param"] == "response_format"
+        assert client.get("/v1/usage", headers=key).json() == {"records": 1}
     assert [(t, s) for t, _, _, _, s in billing.records] == [("tenant-1", "finished")]
     assert billing.records[0][3]["completion_tokens"] == len(ids) + 1  # + EOS
 

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fastapi import FastAPI
+from fastapi import APIRouter, FastAPI
 
 from serve.api.errors import APIError, install_error_handlers
 from serve.api.metrics import Metrics
@@ -92,13 +93,16 @@ def create_app(
     auth=None,
     billing=None,
     constraints=None,
+    routers: Sequence[APIRouter] = (),
     queue_size: int = QUEUE_SIZE,
     max_body_bytes: int = MAX_BODY_BYTES,
     **engine_kwargs,
 ) -> FastAPI:
     """The OpenAI-compatible app serving `model` (a loaded ServedModel or an export dir).
 
-    `auth`, `billing`, `constraints`: optional hooks, see serve/api/hooks.py."""
+    `auth`, `billing`, `constraints`: optional hooks, see serve/api/hooks.py. `routers`: more
+    endpoints (e.g. /v1/usage, /v1/files, /v1/batches); their handlers find the ServerState at
+    `request.app.state.server` and may depend on `serve.api.routes.Principal` for the caller."""
     if not isinstance(model, ServedModel):
         model = ServedModel.load(model, **engine_kwargs)
     metrics = Metrics(model.engine)
@@ -122,5 +126,7 @@ def create_app(
     app.state.server = state
     install_error_handlers(app)
     app.include_router(router)
+    for extra in routers:
+        app.include_router(extra)
     app.add_middleware(_Door, metrics=metrics, max_body=max_body_bytes)
     return app

@@ -54,9 +54,10 @@ class Billing(Protocol):
 
 @runtime_checkable
 class Constraints(Protocol):
-    def token_mask(self, response_format: dict, model: Any) -> TokenMask | None:
+    def token_mask(self, response_format: dict, model: Any, n: int) -> TokenMask | None:
         """Compile `response_format` for `model` (a ServedModel: tokenizer, vocab size) before
-        any token is generated; an invalid or unsupported schema raises ValueError (→ 400)."""
+        any token is generated; an invalid or unsupported schema raises ValueError (→ 400).
+        The mask is called with each of the request's `n` choices' generated tokens."""
 
 
 async def call(hook: Any, method: str, *args, default=None, **kwargs):

@@ -142,7 +142,7 @@ async def _token_mask(req, model: ServedModel, constraints):
                       "response_format.json_schema")  # fmt: skip
     try:
         spec = fmt.model_dump(by_alias=True, exclude_none=True)
-        return await call(constraints, "token_mask", spec, model)
+        return await call(constraints, "token_mask", spec, model, req.n)
     except ValueError as e:
         raise invalid(str(e), "response_format", "invalid_response_format") from e
 
