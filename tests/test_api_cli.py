@@ -65,6 +65,8 @@ def test_refuses_open_non_loopback_host(tiny_export):
         serve_cmd.main([f"model={tiny_export}", "host=0.0.0.0"])
     with pytest.raises(SystemExit, match="unknown argument"):
         serve_cmd.main(["modle=x"])
+    with pytest.raises(SystemExit, match=r"port=http: must be an integer in \[0, 65535\]"):
+        serve_cmd.main(["port=http"])
 
 
 def _free_port() -> int:

@@ -110,16 +110,23 @@ def load_hooks(model, args: dict[str, str]) -> dict:
     return hooks
 
 
+def _int(args: dict[str, str], key: str, default: int, low: int = 1, high: int = 1 << 40) -> int:
+    value = args.get(key, str(default))
+    if not value.isdigit() or not low <= int(value) <= high:
+        raise SystemExit(f"serve: {key}={value}: must be an integer in [{low}, {high}]")
+    return int(value)
+
+
 def main(argv: list[str]) -> int:
     args, _ = split_key_values(argv, ARGS, [])
-    host, port = args.get("host", "127.0.0.1"), int(args.get("port", 8000))
+    host, port = args.get("host", "127.0.0.1"), _int(args, "port", 8000, 0, 65535)
     if not args.get("keys") and not is_loopback(host):
         raise SystemExit(f"serve: refusing to listen on {host} without keys=<keys file>; "
                          "bind to 127.0.0.1 or configure API keys")  # fmt: skip
-    engine_kwargs = {"kv_memory_bytes": int(args.get("kv_memory_mb", 1024)) << 20}
+    engine_kwargs = {"kv_memory_bytes": _int(args, "kv_memory_mb", 1024) << 20}
     for key in ("max_seqs", "max_tokens_per_step"):
         if key in args:
-            engine_kwargs[key] = int(args[key])
+            engine_kwargs[key] = _int(args, key, 0)
     path = resolve_model(args.get("model"))
     try:
         model = ServedModel.load(path, **engine_kwargs)
