@@ -182,10 +182,10 @@ class Matcher:
     def mask(self) -> torch.Tensor:
         """[vocab_size] bool, True = allowed next token. After an error only EOS is allowed,
         so a sequence that somehow left the grammar ends instead of sampling from nothing."""
-        bits = np.unpackbits(np.frombuffer(self._m.compute_bitmask(), np.uint8), bitorder="little")
-        out = torch.zeros(self.vocab_size, dtype=torch.bool)
-        n = min(self.vocab_size, bits.size)
-        out[:n] = torch.from_numpy(bits[:n]).view(torch.bool)
+        # The LLTokenizer was built with n_vocab >= vocab_size, so the bitmask covers it all.
+        packed = np.frombuffer(self._m.compute_bitmask(), np.uint8)
+        bits = np.unpackbits(packed, count=self.vocab_size, bitorder="little")
+        out = torch.from_numpy(bits).view(torch.bool)
         if self._m.is_error():
             out[:] = False
             out[self.eos] = True
