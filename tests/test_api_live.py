@@ -186,6 +186,21 @@ def test_slow_reader_pauses_only_its_own_request(live, client):
     assert text == full.choices[0].message.content
 
 
+def test_clients_that_leave_at_once_free_everything(live):
+    state = live.state
+    body = {"model": MODEL, "messages": HI, "max_tokens": 1000, "temperature": 0,
+            "stream": True, "logprobs": True, "top_logprobs": 20}  # fmt: skip
+    records = state.billing.records
+    before = len(records)
+    for stream in (True, False):
+        for _ in range(3):
+            _stalled_request(live.url, {**body, "stream": stream}).close()
+    assert wait_until(lambda: state.active == 0 and not state.model.engine.requests, timeout=30)
+    assert wait_until(lambda: len(records) == before + 6)
+    for rec in records[before:]:  # stopped early, not run to max_tokens unobserved
+        assert rec["status"] == "aborted" and rec["usage"]["completion_tokens"] < 1000, rec
+
+
 def test_admission_control_answers_429(live):
     state = live.state
     limits = state.model.spec.limits

@@ -14,7 +14,7 @@ from serve.api.hooks import call
 from serve.api.metrics import CONTENT_TYPE_LATEST
 from serve.api.prepare import prepare
 from serve.api.schemas import ChatCompletionRequest, CompletionRequest, ModelCard
-from serve.api.streaming import collect, sse_response
+from serve.api.streaming import SSEResponse, collect
 
 router = APIRouter()
 
@@ -95,7 +95,7 @@ async def _generate(body, request: Request, principal):
         raise
     release = state.release_once()
     if job.stream:
-        return sse_response(gen, on_close=release)
+        return SSEResponse(gen, on_close=release)
     try:
         return await _until_disconnect(collect(gen), request)
     finally:

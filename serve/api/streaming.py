@@ -9,7 +9,7 @@ aborts the request (the engine drops it before its next step).
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from starlette.responses import StreamingResponse
 
@@ -24,7 +24,7 @@ def _event(data: dict | str) -> bytes:
     return f"data: {text}\n\n".encode()
 
 
-async def sse_events(gen: Generation, on_close=None) -> AsyncIterator[bytes]:
+async def sse_events(gen: Generation) -> AsyncIterator[bytes]:
     job, tt = gen.job, gen.state.model.token_text
     writer = ChunkWriter(job, tt)
     try:
@@ -40,14 +40,22 @@ async def sse_events(gen: Generation, on_close=None) -> AsyncIterator[bytes]:
         yield _event("[DONE]")
     finally:
         gen.close()
-        if on_close is not None:
-            on_close()
 
 
-def sse_response(gen: Generation, on_close=None) -> StreamingResponse:
-    return StreamingResponse(
-        sse_events(gen, on_close), media_type="text/event-stream", headers=SSE_HEADERS
-    )
+class SSEResponse(StreamingResponse):
+    """Closes the generation when the response ends, however it ends — also when the client
+    left before the body started (then the event generator never runs its `finally`)."""
+
+    def __init__(self, gen: Generation, on_close: Callable[[], None]):
+        super().__init__(sse_events(gen), media_type="text/event-stream", headers=SSE_HEADERS)
+        self.gen, self.on_close = gen, on_close
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.gen.close()
+            self.on_close()
 
 
 async def collect(gen: Generation) -> dict:
