@@ -284,6 +284,7 @@ class Engine:
                 [s.request.params for s in sampling],
                 [s.generator for s in sampling],
                 masks,
+                generated=[s.generated for s in sampling],  # presence/frequency penalties
             )
             return [self._advance(s, c) for s, c in zip(sampling, choices, strict=True)]
 

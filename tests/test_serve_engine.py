@@ -214,3 +214,17 @@ def test_invalid_requests_get_clear_errors(model_dir):
         SamplingParams(top_logprobs=21)
     with pytest.raises(ValueError, match="temperature"):
         SamplingParams(temperature=-1)
+
+
+def test_engine_applies_repetition_penalties(model_dir):
+    """The engine hands each row's generated tokens to the sampler: a strong frequency
+    penalty makes greedy decoding stop repeating tokens."""
+    engine = Engine.from_pretrained(model_dir, num_blocks=64, block_size=8)
+    p = prompts(1, seed=21)[0]
+    plain = engine.generate([p], SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))
+    penalised = engine.generate(
+        [p], SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, frequency_penalty=2.0)
+    )
+    plain_ids, penalised_ids = plain[0][0].token_ids, penalised[0][0].token_ids
+    assert len(set(plain_ids)) < len(plain_ids)  # the random model repeats itself
+    assert len(set(penalised_ids)) > len(set(plain_ids))
