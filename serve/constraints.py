@@ -175,7 +175,7 @@ class Matcher:
 
     def consume(self, tokens: Iterable[int]) -> None:
         tokens = list(tokens)
-        if tokens and not self._m.consume_tokens(tokens):
+        if tokens and not self._m.is_error() and not self._m.consume_tokens(tokens):
             log.warning("constraint rejected a generated token: %s", self._m.get_error())
         self.consumed += tokens
 

@@ -100,10 +100,11 @@ def closing_bias(tokenizer) -> torch.Tensor:
 def generate(constraint, bias, seed: int, max_tokens: int = 200) -> tuple[list[int], bool]:
     """Sample under the constraint's mask through the engine's sampler; (tokens, ended)."""
     gen = torch.Generator().manual_seed(seed)
-    params, matcher, out = [SamplingParams(temperature=1.0)], constraint.new_matcher(), []
+    params, matcher, out = [SamplingParams(temperature=0)], constraint.new_matcher(), []
     for _ in range(max_tokens):
+        # greedy on fresh random logits: random, and cheaper than softmax + multinomial
         logits = torch.randn(1, len(bias), generator=gen) * 2 + bias
-        (choice,) = sample(logits, params, [gen], [matcher(out)])
+        (choice,) = sample(logits, params, [None], [matcher(out)])
         if choice.token_id in constraint.eos:
             return out, True
         out.append(choice.token_id)
@@ -158,6 +159,33 @@ def test_eos_only_where_the_grammar_accepts(compiler, tokenizer):
     assert matcher.consumed == ids  # consumed one token per call, never re-parsed
     assert not constraint.accepts(tokenizer.encode('{"name": "Ann"}'))  # age is required
     assert not constraint.accepts(tokenizer.encode('{"name": "Ann", "age": 200}'))
+
+
+def test_forking_mask_matches_independent_matchers(compiler, tokenizer):
+    """n choices share one hook; each choice's masks equal those of its own fresh matcher,
+    while the choices first agree and then diverge."""
+    constraint = compiler.compile_schema(PERSON)
+    hook, gen = constraint.token_mask(3), torch.Generator().manual_seed(0)
+    outs: list[list[int]] = [[], [], []]
+    for step in range(12):
+        for out in outs:
+            mask = hook(out)
+            assert torch.equal(mask, constraint.new_matcher()(out))
+            allowed = mask.nonzero().flatten()
+            # the same token for everyone for 4 steps, then each choice its own
+            pick = 0 if step < 4 else int(torch.randint(len(allowed), (1,), generator=gen))
+            out.append(int(allowed[pick]))
+    assert outs[0][:4] == outs[1][:4] == outs[2][:4] and len({tuple(o) for o in outs}) == 3
+    assert len(hook._nodes) == 3  # one live state per choice, the shared ones dropped
+
+
+def test_matcher_rolls_back_for_a_rewound_caller(compiler, tokenizer):
+    constraint = compiler.compile_schema(PERSON)
+    ids = tokenizer.encode('{"name": "Bo", "age": 7}', add_special_tokens=False)
+    matcher = constraint.new_matcher()
+    matcher(ids)
+    assert torch.equal(matcher(ids[:3]), constraint.new_matcher()(ids[:3]))
+    assert matcher.consumed == ids[:3]
 
 
 def test_mask_covers_a_padded_model_vocab(tokenizer):
