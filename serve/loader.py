@@ -51,24 +51,29 @@ def convert_hf_state_dict(
     INT8 exports (compressed-tensors `int-quantized`) carry `<name>.weight` int8 and a
     per-output-channel `<name>.weight_scale`; fusing concatenates both, which keeps every row's
     scale with its row.
+
+    Biases are taken exactly where the config implies them (`args.qkv_bias` etc.); a decoder
+    tensor the config has no place for is refused rather than silently dropped.
     """
     s = _strip_prefix(state)
+    used: set[str] = set()
 
-    def take(name: str) -> torch.Tensor:
+    def take(name: str, why: str = "") -> torch.Tensor:
         if name not in s:
-            raise KeyError(f"checkpoint is missing tensor '{name}'")
+            raise KeyError(f"checkpoint is missing tensor '{name}'{why}")
+        used.add(name)
         return s[name]
 
     out: dict[str, torch.Tensor] = {}
 
-    def put(new: str, olds: list[str], optional: bool = False) -> None:
-        """`new`.weight (+ .weight_scale, .bias) from the concatenation of `olds`' tensors."""
-        for suffix in ("weight", "weight_scale", "bias"):
-            names = [f"{o}.{suffix}" for o in olds]
-            if suffix == "weight" and not optional:
-                out[f"{new}.{suffix}"] = torch.cat([take(n) for n in names])
-            elif all(n in s for n in names):
-                out[f"{new}.{suffix}"] = torch.cat([s[n] for n in names])
+    def put(new: str, olds: list[str], bias: bool = False, why: str = "") -> None:
+        """`new`.weight (+ .weight_scale if int8, + .bias if `bias`) from the concatenation
+        of `olds`' tensors."""
+        out[f"{new}.weight"] = torch.cat([take(f"{o}.weight") for o in olds])
+        if out[f"{new}.weight"].dtype == torch.int8:
+            out[f"{new}.weight_scale"] = torch.cat([take(f"{o}.weight_scale") for o in olds])
+        if bias:
+            out[f"{new}.bias"] = torch.cat([take(f"{o}.bias", why) for o in olds])
 
     hd, qk_heads = args.head_dim, args.num_heads + args.num_kv_heads
     qkv_rows = torch.cat(
@@ -81,18 +86,33 @@ def convert_hf_state_dict(
     out["norm"] = take("norm.weight")
     if not args.tie_word_embeddings:
         put("lm_head", ["lm_head"])
+    attn_why = f" (config.json: model_type={args.model_type!r} with attention biases)"
+    mlp_why = " (config.json: mlp_bias=true)"
     for i in range(args.num_layers):
         p = f"layers.{i}."
         att, mlp = p + "self_attn.", p + "mlp."
         out[p + "attn_norm"] = take(p + "input_layernorm.weight")
         out[p + "mlp_norm"] = take(p + "post_attention_layernorm.weight")
-        put(p + "qkv", [att + f"{x}_proj" for x in "qkv"])
+        put(p + "qkv", [att + f"{x}_proj" for x in "qkv"], args.qkv_bias, attn_why)
         for suffix in ("weight", "weight_scale", "bias"):  # q and k rows: adjacent RoPE pairs
             if (t := out.get(f"{p}qkv.{suffix}")) is not None:
                 out[f"{p}qkv.{suffix}"] = t[qkv_rows]
-        put(p + "o", [att + "o_proj"])
-        put(p + "gate_up", [mlp + "gate_proj", mlp + "up_proj"])
-        put(p + "down", [mlp + "down_proj"])
+        put(p + "o", [att + "o_proj"], args.o_bias, attn_why)
+        put(p + "gate_up", [mlp + "gate_proj", mlp + "up_proj"], args.mlp_bias, mlp_why)
+        put(p + "down", [mlp + "down_proj"], args.mlp_bias, mlp_why)
+    unused = sorted(
+        n
+        for n in set(s) - used
+        if n.startswith(("layers.", "norm.", "embed_tokens.", "lm_head."))
+        and not n.endswith("rotary_emb.inv_freq")  # a cached buffer in old checkpoints
+        and not (args.tie_word_embeddings and n.startswith("lm_head."))  # tied: unused in HF too
+    )
+    if unused:
+        raise ValueError(
+            f"checkpoint tensors {unused[:4]} have no place in a model_type="
+            f"{args.model_type!r} decoder as config.json describes it (a bias, norm or layer "
+            "it does not declare); refusing rather than computing without them"
+        )
     return out
 
 
@@ -144,7 +164,7 @@ def load_model(model_dir: str | Path, dtype: torch.dtype = torch.float32) -> Lla
     state = {k: v.to(dtype) for k, v in state.items()}
     model.load_state_dict(state, strict=False, assign=True)
     missing = [n for n, p in model.named_parameters() if p.is_meta]
-    if missing:
-        raise KeyError(f"weights missing after loading {model_dir}: {missing[:5]}")
+    if missing:  # convert_hf_state_dict checked the checkpoint: this is the runtime's fault
+        raise RuntimeError(f"serve runtime bug: parameters {missing[:5]} were not loaded")
     model.rope = rope_table(args)  # buffers were created on meta
     return model.eval()
