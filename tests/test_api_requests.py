@@ -342,8 +342,8 @@ def test_hooks_auth_billing_constraints(served, tokenizer):
     def usage_of(caller: Principal):  # an extra endpoint behind the same auth
         return {"records": sum(r[0] == caller.name for r in billing.records)}
 
-    app = create_app(served, auth=FakeAuth(), billing=billing, constraints=force,
-                     routers=[usage_router])  # fmt: skip
+    billing.router = usage_router  # a hook's own endpoints are mounted too
+    app = create_app(served, auth=FakeAuth(), billing=billing, constraints=force)
     key = {"authorization": "Bearer k1"}
     with TestClient(app) as client:
         assert client.get("/v1/usage").status_code == 401

@@ -5,7 +5,9 @@ The OpenAI-compatible server (serve/api) on uvicorn. Without `model=`, it serves
 assets home). Imports only `serve` and the web stack — never the training side.
 
 Other keys: keys=<keys file> (API keys; without it the server binds to loopback only),
-kv_memory_mb=<int>, max_seqs=<int>, max_tokens_per_step=<int>, log_level=<info|debug|…>.
+ledger=<usage ledger path>, kv_memory_mb=<int>, max_seqs=<int>, max_tokens_per_step=<int>,
+log_level=<info|debug|…>. keys/ledger are read by serve.auth / serve.billing through their
+`for_server(model, args)` (see load_hooks).
 On SIGTERM/SIGINT it stops admitting, aborts running requests and flushes the ledger.
 """
 
@@ -26,8 +28,8 @@ from serve.api import ServedModel, create_app
 
 log = logging.getLogger(__name__)
 
-ARGS = ("model", "host", "port", "keys", "kv_memory_mb", "max_seqs", "max_tokens_per_step",
-        "log_level")  # fmt: skip
+ARGS = ("model", "host", "port", "keys", "ledger", "kv_memory_mb", "max_seqs",
+        "max_tokens_per_step", "log_level")  # fmt: skip
 HOOK_MODULES = {
     "auth": "serve.auth",
     "billing": "serve.billing",
@@ -94,7 +96,8 @@ def is_loopback(host: str) -> bool:
 
 def load_hooks(model, args: dict[str, str]) -> dict:
     """auth / billing / constraints from serve.auth, serve.billing, serve.constraints when
-    those modules exist: each may define `for_server(model, args) -> hook | None`."""
+    those modules exist: each may define `for_server(model, args) -> hook | None` (model: the
+    ServedModel; args: this command's key=values). Hook methods: serve/api/hooks.py."""
     hooks = {}
     for name, module in HOOK_MODULES.items():
         try:

@@ -101,8 +101,9 @@ def create_app(
     """The OpenAI-compatible app serving `model` (a loaded ServedModel or an export dir).
 
     `auth`, `billing`, `constraints`: optional hooks, see serve/api/hooks.py. `routers`: more
-    endpoints (e.g. /v1/usage, /v1/files, /v1/batches); their handlers find the ServerState at
-    `request.app.state.server` and may depend on `serve.api.routes.Principal` for the caller."""
+    endpoints (e.g. /v1/usage, /v1/files, /v1/batches), as is a hook's own `.router`; their
+    handlers find the ServerState at `request.app.state.server` and may depend on
+    `serve.api.routes.Principal` for the caller."""
     if not isinstance(model, ServedModel):
         model = ServedModel.load(model, **engine_kwargs)
     metrics = Metrics(model.engine)
@@ -126,7 +127,8 @@ def create_app(
     app.state.server = state
     install_error_handlers(app)
     app.include_router(router)
-    for extra in routers:
+    hook_routers = [getattr(h, "router", None) for h in (auth, billing, constraints)]
+    for extra in [*routers, *(r for r in hook_routers if r is not None)]:
         app.include_router(extra)
     app.add_middleware(_Door, metrics=metrics, max_body=max_body_bytes)
     return app

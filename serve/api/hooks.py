@@ -51,6 +51,9 @@ class Billing(Protocol):
     def close(self) -> None:
         """At shutdown, after every request was recorded: flush the ledger."""
 
+    # Optional on any hook: `router` (a FastAPI APIRouter, e.g. GET /v1/usage), mounted by
+    # create_app; its handlers may take `principal: serve.api.routes.Principal`.
+
 
 @runtime_checkable
 class Constraints(Protocol):
