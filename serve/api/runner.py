@@ -54,10 +54,6 @@ class Stream:
                 return out
             await self._event.wait()
 
-    def close(self) -> None:
-        """The handler is done (finished, failed or disconnected): stop generating at once."""
-        self.runner.abort(self.request_id)
-
 
 class EngineRunner:
     """Owns the engine thread. `start()` it, `stop()` it; handlers use `submit` and `abort`."""
