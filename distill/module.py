@@ -148,26 +148,32 @@ class DistillModule(L.LightningModule):
         return random.Random(self.seed * 1_000_003 + step).random() < fraction
 
     @torch.no_grad()
-    def sample_continuations(self, input_ids: Tensor) -> tuple[Tensor, Tensor]:
+    def sample_continuations(self, input_ids: Tensor, step: int) -> tuple[Tensor, Tensor]:
         """Keep the first half of each block as prompt, let the student sample the rest.
 
-        Returns the new ids (B, S) and labels (B, S) covering only the sampled tokens.
+        Sampling draws from an RNG seeded by (seed, step) and leaves the global RNG as it was,
+        so a resumed run samples exactly what the uninterrupted run did (the global RNG is not
+        part of a checkpoint). Returns the new ids (B, S) and labels (B, S) covering only the
+        sampled tokens.
         """
         prompt_len = max(input_ids.size(1) // 2, 1)
         new = input_ids.size(1) - prompt_len
         was_training = self.student.training
         self.student.eval()
-        ids = self.student.generate(
-            input_ids=input_ids[:, :prompt_len],
-            attention_mask=torch.ones_like(input_ids[:, :prompt_len]),
-            max_new_tokens=new,
-            min_new_tokens=new,  # fixed shape: EOS is suppressed until the block is full
-            do_sample=True,
-            top_k=0,
-            top_p=1.0,
-            temperature=1.0,
-            pad_token_id=self.student.config.eos_token_id,
-        )
+        devices = [input_ids.device] if input_ids.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(self.seed * 1_000_003 + step)
+            ids = self.student.generate(
+                input_ids=input_ids[:, :prompt_len],
+                attention_mask=torch.ones_like(input_ids[:, :prompt_len]),
+                max_new_tokens=new,
+                min_new_tokens=new,  # fixed shape: EOS is suppressed until the block is full
+                do_sample=True,
+                top_k=0,
+                top_p=1.0,
+                temperature=1.0,
+                pad_token_id=self.student.config.eos_token_id,
+            )
         self.student.train(was_training)
         labels = shift_labels(ids)
         labels[:, : prompt_len - 1] = IGNORE_INDEX  # the prompt is the teacher's text, not sampled
@@ -177,7 +183,7 @@ class DistillModule(L.LightningModule):
         input_ids, cached = batch[0], batch[1:]
         labels = shift_labels(input_ids)
         if not cached and self.on_policy_now(self.global_step):
-            input_ids, labels = self.sample_continuations(input_ids)
+            input_ids, labels = self.sample_continuations(input_ids, self.global_step)
         want_hidden = self.hidden_kd is not None
         student_rows, student_states = self._rows(self.student, input_ids, want_hidden)
         teacher_rows, teacher_states = None, None

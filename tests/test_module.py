@@ -87,7 +87,7 @@ def test_on_policy_batches_are_student_samples_scored_only_on_sampled_tokens():
     student, teacher = tiny(1), tiny(0)
     module = DistillModule(student, teacher, KDLoss(kind="jsd", on_policy_fraction=0.5), seed=3)
     ids = torch.randint(0, VOCAB, (2, 10))
-    sampled, labels = module.sample_continuations(ids)
+    sampled, labels = module.sample_continuations(ids, step=0)
     assert sampled.shape == ids.shape and torch.equal(sampled[:, :5], ids[:, :5])
     assert (labels[:, :4] == IGNORE_INDEX).all() and (labels[:, 4:-1] == sampled[:, 5:]).all()
     choices = [module.on_policy_now(step) for step in range(400)]

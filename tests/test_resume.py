@@ -75,14 +75,15 @@ class Recorder(L.Callback):
             trainer.should_stop = True
 
 
-def make_module() -> DistillModule:
+def make_module(on_policy_fraction: float = 0.0) -> DistillModule:
     torch.manual_seed(0)
     teacher = LlamaForCausalLM(tiny_llama_config(vocab_size=VOCAB, num_hidden_layers=2))
     torch.manual_seed(1)
     student = LlamaForCausalLM(
         tiny_llama_config(vocab_size=VOCAB, num_hidden_layers=1, hidden_size=32)
     )
-    return DistillModule(student, teacher, KDLoss(), lr=1e-2, warmup_steps=2)
+    loss = KDLoss(on_policy_fraction=on_policy_fraction)
+    return DistillModule(student, teacher, loss, lr=1e-2, warmup_steps=2)
 
 
 def make_data() -> TextDataModule:
@@ -96,8 +97,10 @@ def make_data() -> TextDataModule:
     return data
 
 
-def fit(tmp_path, max_steps: int, recorder: Recorder, ckpt_path=None) -> DistillModule:
-    module = make_module()
+def fit(
+    tmp_path, max_steps: int, recorder: Recorder, ckpt_path=None, on_policy_fraction: float = 0.0
+) -> DistillModule:
+    module = make_module(on_policy_fraction)
     checkpoint = L.pytorch.callbacks.ModelCheckpoint(
         dirpath=tmp_path, save_last=True, save_top_k=0, every_n_train_steps=1
     )
@@ -117,18 +120,20 @@ def fit(tmp_path, max_steps: int, recorder: Recorder, ckpt_path=None) -> Distill
     return module
 
 
+@pytest.mark.parametrize("on_policy", [0.0, 0.5], ids=["off-policy", "gkd-on-policy"])
 @pytest.mark.parametrize("stop_at", [3, 5, 7], ids=["mid-epoch-0", "epoch-end", "mid-epoch-1"])
-def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, stop_at):
-    """5 batches per epoch, 9 steps: interrupts mid-epoch, at an epoch end and in epoch 1."""
+def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, stop_at, on_policy):
+    """5 batches per epoch, 9 steps: interrupts mid-epoch, at an epoch end and in epoch 1.
+    On-policy (GKD) batches sample from the student: the resumed run must sample the same."""
     full = Recorder()
-    reference = fit(tmp_path / "full", 9, full)
+    reference = fit(tmp_path / "full", 9, full, on_policy_fraction=on_policy)
 
     first = Recorder(stop_at=stop_at)
-    fit(tmp_path / "run", 9, first)
+    fit(tmp_path / "run", 9, first, on_policy_fraction=on_policy)
     ckpt = tmp_path / "run" / "last.ckpt"
     assert torch.load(ckpt, weights_only=False)["global_step"] == stop_at
     second = Recorder()
-    resumed = fit(tmp_path / "run", 9, second, ckpt_path=ckpt)
+    resumed = fit(tmp_path / "run", 9, second, ckpt_path=ckpt, on_policy_fraction=on_policy)
 
     assert first.seen + second.seen == full.seen  # same batches, in the same order
     assert len(full.seen) == 9 and full.seen[:5] != full.seen[5:]
