@@ -216,16 +216,13 @@ class Engine:
                 logit_rows.append(len(tokens) - 1)
             if w.count > 1:
                 ctx = w.start + w.count
-                mask = None
-                if w.start:
-                    mask = torch.arange(ctx)[None, :] <= torch.arange(w.start, ctx)[:, None]
-                spans.append(PrefillSpan(start_row, w.count, self._slots(w.seq.blocks, ctx), mask))
+                spans.append(PrefillSpan(start_row, w.count, self._slots(w.seq.blocks, ctx)))
         pos = torch.tensor(positions)
         blocks_of_token = torch.tensor(
             [w.seq.blocks[p // bs] for w in work for p in range(w.start, w.start + w.count)]
         )
         slots = blocks_of_token * bs + pos % bs
-        decode_slots = decode_mask = None
+        decode_slots = None
         if decodes:
             lens = [w.start + 1 for w in decodes]
             width = max(len(w.seq.blocks) for w in decodes)
@@ -233,14 +230,11 @@ class Engine:
                 [w.seq.blocks + [0] * (width - len(w.seq.blocks)) for w in decodes]
             )
             decode_slots = (table[:, :, None] * bs + torch.arange(bs)).flatten(1)[:, : max(lens)]
-            if min(lens) != max(lens):
-                decode_mask = (torch.arange(max(lens)) < torch.tensor(lens)[:, None])[:, None, None]
         batch = AttentionBatch(
             positions=pos,
             slots=slots,
             num_decode=len(decodes),
             decode_slots=decode_slots,
-            decode_mask=decode_mask,
             prefills=spans,
             logit_rows=torch.tensor(logit_rows, dtype=torch.long),
         )

@@ -2,10 +2,11 @@
 
 One forward call takes a flat, unpadded list of tokens from many sequences — decode tokens
 (one per sequence) first, then prefill chunks — so the linear layers always run on exactly
-the tokens that need computing. Only attention looks at sequences: decode tokens attend
-together (padded to the longest context), each prefill chunk attends on its own. Layers with a
-sliding window (Mistral, Qwen2 / SmolLM3 with `use_sliding_window`) mask keys that fell out of
-it, from each token's position; NoPE layers (SmolLM3) skip RoPE.
+the tokens that need computing. Only attention looks at sequences: each token attends over
+exactly the keys it sees (`serve.invariant.attend_rows`), so its numerics never depend on its
+neighbours in the step, its prompt's chunking or a cached prefix; fp32 linears go through
+`serve.invariant` for the same reason. Layers with a sliding window (Mistral, Qwen2 / SmolLM3
+with `use_sliding_window`) see only the keys still inside it; NoPE layers (SmolLM3) skip RoPE.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from serve import invariant
 from serve.model_args import ModelArgs
 
 
@@ -26,8 +28,6 @@ class PrefillSpan:
     token_start: int  # index of the chunk's first token in the flat list
     num_tokens: int  # T
     context_slots: torch.Tensor  # [L] KV slots of positions 0..L-1, L = start_pos + T
-    mask: torch.Tensor | None  # [T, L] bool (True = attend); None when start_pos == 0 (causal)
-    # Sliding-window layers build their own masks from `AttentionBatch.positions`.
 
 
 @dataclass
@@ -38,7 +38,6 @@ class AttentionBatch:
     slots: torch.Tensor  # [N] KV slot each token's key/value is written to
     num_decode: int  # B: the first B tokens are single decode tokens of B sequences
     decode_slots: torch.Tensor | None  # [B, L] slots of positions 0..L-1, padded with slot 0
-    decode_mask: torch.Tensor | None  # [B, 1, 1, L] bool, None when no padding is needed
     prefills: list[PrefillSpan]
     logit_rows: torch.Tensor | None  # [S] tokens whose logits are wanted; None = all
 
@@ -114,64 +113,6 @@ class LlamaModel(nn.Module):
         pairs = torch.view_as_complex(x.unflatten(-1, (-1, 2)))  # [N, heads, hd/2]
         return torch.view_as_real(pairs * rot).flatten(-2)
 
-    @staticmethod
-    def _masks(
-        batch: AttentionBatch, window: int | None
-    ) -> tuple[torch.Tensor | None, list[torch.Tensor | None]]:
-        """(decode mask [B, 1, 1, L], one [T, L] mask per prefill span) for layers with this
-        sliding window: a query at position p sees keys p - window < j <= p, as transformers'
-        `sliding_window_overlay` (j = column = key position)."""
-        plain = batch.decode_mask, [span.mask for span in batch.prefills]
-        if window is None or int(batch.positions.max()) < window:
-            return plain  # no key has left any query's window yet
-        pos, decode_mask = batch.positions, None
-
-        def visible(p: torch.Tensor, length: int) -> torch.Tensor:
-            j = torch.arange(length)
-            return (j <= p[:, None]) & (j > p[:, None] - window)  # [rows, L]
-
-        if batch.num_decode:
-            b = batch.num_decode
-            decode_mask = visible(pos[:b], batch.decode_slots.shape[1])[:, None, None]
-        spans = [
-            visible(pos[s.token_start : s.token_start + s.num_tokens], len(s.context_slots))
-            for s in batch.prefills
-        ]
-        return decode_mask, spans
-
-    def _attend(
-        self,
-        q: torch.Tensor,
-        kv: torch.Tensor,
-        batch: AttentionBatch,
-        decode_mask: torch.Tensor | None,
-        span_masks: list[torch.Tensor | None],
-    ) -> torch.Tensor:
-        """q [N, H, hd] → [N, H * hd], reading one layer's keys/values `kv` [slots, 2K, hd]."""
-        a = self.args
-        kh, group = a.num_kv_heads, a.num_heads // a.num_kv_heads
-        outs = []
-        if batch.num_decode:
-            b = batch.num_decode
-            # The heads sharing a KV head act as that head's "query positions": one SDPA call
-            # covers GQA without repeating keys.
-            qd = q[:b].view(b, kh, group, a.head_dim)
-            kvd = kv[batch.decode_slots].transpose(1, 2)  # [B, 2K, L, hd]
-            out = F.scaled_dot_product_attention(
-                qd, kvd[:, :kh], kvd[:, kh:], attn_mask=decode_mask
-            )
-            outs.append(out.reshape(b, -1))
-        for span, mask in zip(batch.prefills, span_masks, strict=True):
-            t = span.num_tokens
-            qp = q[span.token_start : span.token_start + t].transpose(0, 1)[None]  # [1, H, T, hd]
-            kvp = kv[span.context_slots].transpose(0, 1)[None]  # [1, 2K, L, hd]
-            kp, vp = kvp[:, :kh], kvp[:, kh:]
-            out = F.scaled_dot_product_attention(
-                qp, kp, vp, attn_mask=mask, is_causal=mask is None, enable_gqa=True
-            )
-            outs.append(out[0].transpose(0, 1).reshape(t, -1))
-        return outs[0] if len(outs) == 1 else torch.cat(outs)
-
     @torch.inference_mode()
     def forward(
         self,
@@ -190,10 +131,11 @@ class LlamaModel(nn.Module):
         h = self.embed(tokens) if input_embeds is None else input_embeds  # [N, d]
         rot = self.rope[batch.positions].unsqueeze(1)  # [N, 1, hd/2] complex
         eps = a.rms_norm_eps
-        masks = {w: self._masks(batch, w) for w in set(a.layer_windows)}
         for i, layer in enumerate(self.layers):
             x = F.rms_norm(h, (a.hidden_size,), layer.attn_norm, eps)
-            qkv = layer.qkv(x).view(n, a.num_heads + 2 * a.num_kv_heads, a.head_dim)
+            qkv = invariant.apply(layer.qkv, x).view(
+                n, a.num_heads + 2 * a.num_kv_heads, a.head_dim
+            )
             qk = qkv[:, : a.num_heads + a.num_kv_heads]
             if a.rope_layers[i]:
                 qk = self._rope(qk, rot)  # one call for q and k
@@ -201,13 +143,14 @@ class LlamaModel(nn.Module):
             kv.kv[i].index_copy_(
                 0, batch.slots, torch.cat((qk[:, a.num_heads :], qkv[:, -a.num_kv_heads :]), 1)
             )
-            h = h + layer.o(self._attend(q, kv.kv[i], batch, *masks[a.layer_windows[i]]))
+            attn = invariant.attend_rows(q, kv.kv[i], batch, a.layer_windows[i])  # [N, H * hd]
+            h = h + invariant.apply(layer.o, attn)
             x = F.rms_norm(h, (a.hidden_size,), layer.mlp_norm, eps)
-            gate, up = layer.gate_up(x).chunk(2, dim=-1)
-            h = h + layer.down(F.silu(gate) * up)
+            gate, up = invariant.apply(layer.gate_up, x).chunk(2, dim=-1)
+            h = h + invariant.apply(layer.down, F.silu(gate) * up)
         if batch.logit_rows is not None:
             h = h[batch.logit_rows]
         h = F.rms_norm(h, (a.hidden_size,), self.norm, eps)
         if self.lm_head is not None:  # untied, or an int8 head over the int8 table
-            return self.lm_head(h)  # [S, vocab]
-        return F.linear(h, self.embed.weight)
+            return invariant.apply(self.lm_head, h)  # [S, vocab]
+        return invariant.linear(h, self.embed.weight)

@@ -105,11 +105,8 @@ def family(request, tmp_path_factory):
 def _prefill(n: int, start: int = 0, base: int = 0) -> AttentionBatch:
     """One sequence's chunk of n tokens at positions start.., its context in slots base.."""
     ctx = torch.arange(base, base + start + n)
-    mask = None
-    if start:
-        mask = torch.arange(start + n)[None, :] <= torch.arange(start, start + n)[:, None]
-    span = PrefillSpan(0, n, ctx, mask)
-    return AttentionBatch(torch.arange(start, start + n), ctx[start:], 0, None, None, [span], None)
+    span = PrefillSpan(0, n, ctx)
+    return AttentionBatch(torch.arange(start, start + n), ctx[start:], 0, None, [span], None)
 
 
 def _full_logits(ref, ids: torch.Tensor) -> torch.Tensor:

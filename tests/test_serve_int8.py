@@ -31,8 +31,7 @@ def test_int8_export_matches_transformers_on_the_same_kernels(
         torch.arange(n),
         0,
         None,
-        None,
-        [PrefillSpan(0, n, torch.arange(n), None)],
+        [PrefillSpan(0, n, torch.arange(n))],
         None,
     )
     logits = model(ids, batch, KVPool(model.args, 32))

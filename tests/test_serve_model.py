@@ -51,14 +51,11 @@ def prefill_batch(lengths: list[int], starts: list[int] | None = None) -> Attent
     spans, positions, slots, row, base = [], [], [], 0, 0
     for n, s in zip(lengths, starts, strict=True):
         ctx = torch.arange(base, base + s + n)
-        mask = None
-        if s:
-            mask = torch.arange(s + n)[None, :] <= torch.arange(s, s + n)[:, None]
-        spans.append(PrefillSpan(row, n, ctx, mask))
+        spans.append(PrefillSpan(row, n, ctx))
         positions.append(torch.arange(s, s + n))
         slots.append(ctx[s:])
         row, base = row + n, base + s + n
-    return AttentionBatch(torch.cat(positions), torch.cat(slots), 0, None, None, spans, None)
+    return AttentionBatch(torch.cat(positions), torch.cat(slots), 0, None, spans, None)
 
 
 def test_single_prompt_logits_match_transformers(checkpoint):
@@ -91,12 +88,7 @@ def test_ragged_batch_and_chunked_prefill_match_transformers(checkpoint):
         torch.arange(23, 32),
         0,
         None,
-        None,
-        [
-            PrefillSpan(
-                0, 9, torch.arange(3, 32), torch.arange(29)[None] <= torch.arange(20, 29)[:, None]
-            )
-        ],
+        [PrefillSpan(0, 9, torch.arange(3, 32))],
         None,
     )
     with torch.no_grad():

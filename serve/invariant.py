@@ -1,0 +1,109 @@
+"""Batch-invariant kernels: a token's numerics never depend on what else shares its step.
+
+Two library kernels give a row different bits depending on its neighbours:
+  * fp32 GEMM (MKL): rows of an M-row product are computed by a microkernel plus a tail path,
+    so a row's result changes with M (measured here: M = 1, 2–3, 5–7 differ from M = 4, 8, …).
+    Padding M up to a multiple of the microkernel's rows makes every row take the same path;
+    `gemm_row_multiple` finds that multiple on this CPU at first use (4 with AVX-512 MKL).
+  * SDPA: its blocking over queries and keys depends on the query count and the key length,
+    and a padded key range changes the result even when masked. `attend_rows` computes every
+    token's attention as its own problem (one query row over exactly its visible keys), the same
+    call whether the token is decoded, prefilled in a chunk of any size, or follows a cached
+    prefix.
+INT8 linears need neither: `serve.int8` accumulates exactly in int32.
+
+Written here because no library offers batch-invariant CPU kernels.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from serve.llama import AttentionBatch
+
+log = logging.getLogger(__name__)
+
+
+@functools.cache
+def gemm_row_multiple() -> int:
+    """Smallest row count m such that an fp32 GEMM row's bits are the same for any M that is
+    a multiple of m, wherever the row sits (probed on this CPU's BLAS; 1 if none found)."""
+    g = torch.Generator().manual_seed(0)
+    k, n = 256, 384
+    w, v = torch.randn(n, k, generator=g), torch.randn(k, generator=g)
+    for m in (4, 8, 6, 12, 16):
+        ref = None
+        ok = True
+        for rows in (m, 2 * m, 5 * m, 16 * m):
+            for pos in (0, rows - 1):
+                x = torch.randn(rows, k, generator=g)
+                x[pos] = v
+                out = F.linear(x, w)[pos]
+                ref = out if ref is None else ref
+                ok = ok and torch.equal(out, ref)
+        if ok:
+            log.info("fp32 GEMM rows are batch-invariant at multiples of %d rows", m)
+            return m
+    log.warning("fp32 GEMM rows are not batch-invariant on this CPU; fp32 logprobs may vary")
+    return 1
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
+    """F.linear on x [N, in] with N padded to `gemm_row_multiple()` rows → [N, out]."""
+    n, m = x.shape[0], gemm_row_multiple()
+    if n % m:
+        x = torch.cat((x, x.new_zeros(m - n % m, x.shape[1])))
+    return F.linear(x, weight, bias)[:n]
+
+
+def apply(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`module(x)` for x [N, in], batch-invariant when the module is a plain nn.Linear (an
+    Int8Linear is invariant already)."""
+    if type(module) is torch.nn.Linear:
+        return linear(x, module.weight, module.bias)
+    return module(x)
+
+
+def attend_rows(
+    q: torch.Tensor, kv: torch.Tensor, batch: AttentionBatch, window: int | None = None
+) -> torch.Tensor:
+    """Attention of every query row over exactly the keys it sees, one row at a time.
+
+    q [N, H, hd]; kv [slots, 2K, hd] one layer's pool (keys heads 0..K-1, values K..2K-1);
+    `batch` says which rows decode and which prefill, and where their contexts sit. A row at
+    position p sees positions max(0, p - window + 1)..p (`window` None: all of 0..p), as
+    transformers' causal and sliding-window masks. Returns [N, H * hd].
+    """
+    n, heads, hd = q.shape
+    kh = kv.shape[1] // 2
+    q = q.view(n, kh, heads // kh, hd)  # the heads sharing a KV head act as its query rows
+    out = q.new_empty(n, heads * hd)
+    positions = batch.positions.tolist()
+
+    def first(p: int) -> int:
+        return 0 if window is None else max(0, p - window + 1)
+
+    def attend(rows: slice, keys_values: torch.Tensor) -> None:
+        """keys_values [1, L, 2K, hd] → out[rows]."""
+        kvt = keys_values.transpose(1, 2)  # [R, 2K, L, hd]
+        o = F.scaled_dot_product_attention(q[rows], kvt[:, :kh], kvt[:, kh:])
+        out[rows] = o.flatten(1)
+
+    # One call per decode row: SDPA's batch entries are not independent (measured: a row's
+    # bits change when another sequence of the same length joins its call).
+    for i in range(batch.num_decode):
+        p = positions[i]
+        attend(slice(i, i + 1), kv[batch.decode_slots[i : i + 1, first(p) : p + 1]])
+    # Prefill rows: the chunk's context is gathered once; each row reads its own prefix of it.
+    for span in batch.prefills:
+        context = kv[span.context_slots]  # [L, 2K, hd]
+        for i in range(span.token_start, span.token_start + span.num_tokens):
+            p = positions[i]
+            attend(slice(i, i + 1), context[None, first(p) : p + 1])
+    return out
