@@ -580,27 +580,31 @@ def check_recipe(cfg, command: str) -> ModelShape | None:
     return shape
 
 
-def _check_eval_group(eval_cfg, p: Problems, context: int | None) -> None:
+def _check_eval_group(eval_cfg, p: Problems, context: int | None):
+    """The EvalSettings built from an `eval` config (None, with a problem, when it refuses)."""
     from hydra.utils import instantiate
 
     try:
         settings = instantiate(eval_cfg, _convert_="all")
     except Exception as e:  # noqa: BLE001 — EvalSettings' own checks, or a bad type
         p.lines.append(f"eval: {getattr(e, '__cause__', None) or e}")
-        return
+        return None
     check_eval_settings(settings, p, context)
+    return settings
 
 
-def check_eval_command(settings, teacher: str, device: str) -> None:
-    """`python -m distill eval`: the suite's knobs against the teacher's shape, before loading."""
+def check_eval_command(eval_cfg, teacher: str, device: str):
+    """`python -m distill eval`: the suite's knobs (configs/eval) against the teacher's shape,
+    before loading; returns the EvalSettings."""
     p = Problems()
     if not isinstance(device, str) or not DEVICES.match(device):
         p.add("device", device, "must be auto, cpu, mps, cuda or cuda:<index>")
     elif device.startswith("cuda") and not _cuda():
         p.add("device", device, "needs CUDA, and none is available (use auto or cpu)")
     shape = model_shape("teacher", teacher, p)
-    check_eval_settings(settings, p, shape.context if shape else None)
+    settings = _check_eval_group(eval_cfg, p, shape.context if shape else None)
     p.raise_if_any("eval")
+    return settings
 
 
 def check_export(quant: str, scheme, serving) -> None:

@@ -409,22 +409,28 @@ def test_cli_reports_the_knob_without_a_traceback(tmp_path):
 
 def test_eval_and_export_commands(config_only_teacher, tmp_path, capsys):
     from distill.__main__ import main
-    from eval.suite import EvalSettings
 
+    eval_cfg = OmegaConf.load(CONFIGS / "eval" / "default.yaml")
+    settings = check_eval_command(eval_cfg, str(config_only_teacher), "cpu")
+    assert settings.seq_len == 256
+    bad = OmegaConf.merge(eval_cfg, {"temperature": 0, "seq_len": 4096})
     with pytest.raises(ConfigError) as e:
-        check_eval_command(
-            EvalSettings(temperature=0, seq_len=4096), str(config_only_teacher), "cpu"
-        )
+        check_eval_command(bad, str(config_only_teacher), "cpu")
     assert e.value.problems == [
         "eval.seq_len=4096: must be an integer in [2, 2048] (the teacher's context length)",
         "eval.temperature=0: must be a number > 0",
     ]
     with pytest.raises(ConfigError) as e:
-        check_eval_command(EvalSettings(), "/nonexistent/teacher", "gpu0")
+        check_eval_command(OmegaConf.merge(eval_cfg, {"prompts": 0}), "/nonexistent/t", "gpu0")
     assert e.value.problems == [
         "device='gpu0': must be auto, cpu, mps, cuda or cuda:<index>",
-        "teacher='/nonexistent/teacher': no such directory or file",
+        "teacher='/nonexistent/t': no such directory or file",
+        "eval: eval.prompts must be ≥ 1, got 0",
     ]
+    # the eval CLI: exit status 2 before loading the (weightless) teacher
+    argv = ["eval", f"student={config_only_teacher}", f"teacher={config_only_teacher}"]
+    assert main([*argv, "eval.top_p=1.5", f"output_dir={tmp_path / 'report'}"]) == 2
+    assert "  eval.top_p=1.5: must be a number in (0, 1]" in capsys.readouterr().err.splitlines()
     scheme = OmegaConf.create({"embeddings": "yes", "exclude": ["mlp.("]})
     serving = OmegaConf.create({"limits": {"max_batch_size": 0, "max_tokens": 5}})
     with pytest.raises(ConfigError) as e:

@@ -15,7 +15,6 @@ import logging
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
-from hydra.utils import instantiate
 
 from distill.commands.keyvalue import split_key_values
 from distill.paths import configs_dir
@@ -71,8 +70,7 @@ def main(argv: list[str]) -> int:
     teacher_path = args.get("teacher", TEACHER_NAME)
     with initialize_config_dir(config_dir=str(configs_dir()), version_base="1.3"):
         cfg = compose(overrides=[f"+eval={args.get('eval', 'full')}", *overrides])
-    settings = instantiate(cfg.eval, _convert_="all")
-    check_eval_command(settings, teacher_path, args.get("device", "auto"))  # before any loading
+    settings = check_eval_command(cfg.eval, teacher_path, args.get("device", "auto"))  # no loading
     device = resolve_device(args.get("device", "auto"))
 
     tokenizer = load_tokenizer(teacher_path)
