@@ -127,7 +127,7 @@ def parse_response_format(response_format: dict | None) -> dict | None:
 class Constraint:
     """A compiled grammar; `new_matcher()` per generated sequence."""
 
-    schema: dict | bool
+    schema: dict | bool  # as the request gave it
     grammar: str
     vocab_size: int  # the model's (mask length); may exceed the tokenizer's
     eos: tuple[int, ...]
@@ -139,6 +139,20 @@ class Constraint:
     def token_mask(self, n: int = 1):
         """The engine's TokenMask for a request with `n` choices (one matcher per choice)."""
         return self.new_matcher() if n == 1 else ForkingMask(self, n)
+
+    def validate_output(self, text: str) -> object:
+        """Parse a finished output and validate it against the request's schema with
+        `jsonschema` (ValueError when it does not); returns the parsed value."""
+        import jsonschema
+
+        value = json.loads(text)
+        cls = jsonschema.validators.validator_for(
+            self.schema, default=jsonschema.Draft202012Validator
+        )
+        error = jsonschema.exceptions.best_match(cls(self.schema).iter_errors(value))
+        if error is not None:
+            raise ValueError(f"output does not match the schema: {error.message}")
+        return value
 
     def accepts(self, token_ids: Sequence[int]) -> bool:
         """Whether `token_ids` is a complete output of this grammar (EOS allowed after it)."""
@@ -273,6 +287,7 @@ class ConstraintCompiler:
 
     def compile_schema(self, schema: dict | bool) -> Constraint:
         """Compile a checked JSON Schema; ConstraintError when llguidance cannot."""
+        original = schema
         for _ in range(MAX_UNKNOWN_FORMATS + 1):
             try:
                 grammar = llg.LLMatcher.grammar_from_json_schema(schema, defaults=self.options)
@@ -291,7 +306,7 @@ class ConstraintCompiler:
         template = llg.LLMatcher(self.tokenizer, grammar, log_level=0, limits=self.limits)
         if template.is_error():
             raise ConstraintError(f"unsupported JSON schema: {template.get_error()}")
-        return Constraint(schema, grammar, self.vocab_size, self.eos, template)
+        return Constraint(original, grammar, self.vocab_size, self.eos, template)
 
     def compile(self, response_format: dict | None) -> Constraint | None:
         """The constraint for an OpenAI response_format (None for text / absent)."""

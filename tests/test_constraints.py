@@ -157,6 +157,9 @@ def test_eos_only_where_the_grammar_accepts(compiler, tokenizer):
     final = matcher(ids)
     assert final[eos] and final.sum() == 1  # the object is closed: only EOS
     assert matcher.consumed == ids  # consumed one token per call, never re-parsed
+    assert constraint.validate_output(text) == {"name": "Ann", "age": 41}
+    with pytest.raises(ValueError, match="age"):
+        constraint.validate_output('{"name": "Ann"}')
     assert not constraint.accepts(tokenizer.encode('{"name": "Ann"}'))  # age is required
     assert not constraint.accepts(tokenizer.encode('{"name": "Ann", "age": 200}'))
 
@@ -252,4 +255,4 @@ def test_engine_constrained_generation(tiny_teacher_dir, tokenizer, one_thread):
     (choices,) = engine.generate([prompt], params, token_mask=constraint.token_mask(params.n))
     for c in choices:
         assert c.finish_reason == "stop", c.text
-        jsonschema.validate(json.loads(c.text), schema)
+        jsonschema.validate(constraint.validate_output(c.text), schema)
