@@ -10,6 +10,9 @@ Write a line with `key_line(name, key, budget_usd)`; `new_key()` makes a random 
 server never stores a key, only its SHA-256; a presented key is hashed and compared with
 every stored hash in constant time. A key's remaining budget is its budget minus what the
 usage ledger says it has spent.
+
+A `KeyStore` is the API's auth hook (serve/api/hooks.py); `for_server(model, args)` loads
+it from `keys=<path>` for `python -m distill serve`.
 """
 
 from __future__ import annotations
@@ -128,8 +131,12 @@ class KeyStore:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def authenticate(self, authorization: str | None) -> Principal:
-        """The principal for an `Authorization: Bearer <key>` header; AuthError otherwise."""
+    def authenticate(self, authorization) -> Principal:
+        """The principal for an `Authorization: Bearer <key>` header value, or for a request
+        object carrying `.headers` (the API's auth hook); AuthError otherwise."""
+        headers = getattr(authorization, "headers", None)
+        if headers is not None:
+            authorization = headers.get("authorization")
         if not authorization:
             raise AuthError("missing API key: send it as 'Authorization: Bearer <key>'")
         scheme, _, key = authorization.strip().partition(" ")
@@ -189,3 +196,9 @@ def check_budget(principal: Principal, worst_case_usd: float, ledger: SpendSourc
             remaining,
         )
     return remaining
+
+
+def for_server(model, args: dict[str, str]) -> KeyStore | None:
+    """The auth hook for `python -m distill serve`: the keys file `keys=`, or None (open)."""
+    path = args.get("keys")
+    return KeyStore.load(Path(path).expanduser()) if path else None

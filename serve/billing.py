@@ -10,21 +10,27 @@ into three parts billed at their own rates:
 
 The ledger is one SQLite file (WAL) with one row per finished request: key, model, times,
 token counts, cost and status. `spend(key_id)` is what GET /v1/usage returns.
+
+`Billing` is the API's billing hook (serve/api/hooks.py): worst-case check against budgets
+and `max_cost_usd`, cost in every usage, a stream stopped at its budget, one ledger row per
+request, and GET /v1/usage; `for_server(model, args)` builds it for `python -m distill serve`.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from serve.auth import QuotaError, check_budget
 from serve.export_format import SERVING_FILE, Pricing, ServingSpec
 
 PER = 1_000_000
-STATUSES = ("completed", "length", "aborted", "error", "budget")
+STATUSES = ("finished", "completed", "length", "aborted", "error", "budget")
 
 
 @dataclass(frozen=True)
@@ -52,14 +58,21 @@ class Usage:
 
     @classmethod
     def of(cls, usage: Usage | dict) -> Usage:
-        """From a Usage or the engine's usage dict (unknown keys ignored)."""
+        """From a Usage, the engine's usage dict (`cached_tokens`, `cache_creation_tokens`) or
+        an OpenAI usage object (`prompt_tokens_details.cached_tokens` / `cache_read_input_tokens`,
+        `cache_creation_input_tokens`); other keys are ignored."""
         if isinstance(usage, Usage):
             return usage
+        details = usage.get("prompt_tokens_details") or {}
+        cached = usage.get("cached_tokens")
+        if cached is None:
+            cached = usage.get("cache_read_input_tokens", details.get("cached_tokens", 0))
+        creation = usage.get("cache_creation_tokens", usage.get("cache_creation_input_tokens", 0))
         return cls(
             prompt_tokens=usage["prompt_tokens"],
             completion_tokens=usage["completion_tokens"],
-            cached_tokens=usage.get("cached_tokens", 0),
-            cache_creation_tokens=usage.get("cache_creation_tokens", 0),
+            cached_tokens=cached,
+            cache_creation_tokens=creation,
         )
 
     @property
@@ -226,3 +239,97 @@ class UsageLedger:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def key_of(principal) -> str:
+    """The ledger key of whatever auth returned: its `.name`, a string, or "" (no auth)."""
+    if principal is None:
+        return ""
+    return principal if isinstance(principal, str) else principal.name
+
+
+def default_ledger_path() -> Path:
+    """`$NANODISTILL_HOME/serve/usage.sqlite` (the assets home, as distill.paths finds it)."""
+    home = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "nanodistill"
+    return Path(os.environ.get("NANODISTILL_HOME", home)) / "serve" / "usage.sqlite"
+
+
+class Billing:
+    """The API's billing hook: prices from serving.json, budgets from the principal
+    (serve.auth), spend from the ledger (kept in memory too, so a streamed step's budget
+    check is a dict lookup)."""
+
+    def __init__(self, prices: PriceList, ledger: UsageLedger):
+        self.prices, self.ledger = prices, ledger
+        self._spent: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def spent_usd(self, key_id: str) -> float:
+        with self._lock:
+            if key_id not in self._spent:
+                self._spent[key_id] = self.ledger.spent_usd(key_id)
+            return self._spent[key_id]
+
+    def check(
+        self, principal, model: str, prompt_tokens: int, max_tokens: int,
+        max_cost_usd: float | None = None,
+    ) -> None:  # fmt: skip
+        """Before generation (`max_tokens` already × n): QuotaError (429 insufficient_quota)
+        when the worst case exceeds `max_cost_usd` or the key's remaining budget."""
+        worst = self.prices.worst_case(prompt_tokens, max_tokens)
+        if max_cost_usd is not None and worst > max_cost_usd:
+            raise QuotaError(
+                f"this request may cost up to ${worst:.6f}, above its max_cost_usd "
+                f"${max_cost_usd:.6f}; lower max_tokens or raise max_cost_usd",
+                max_cost_usd,
+            )
+        if getattr(principal, "budget_usd", None) is not None:
+            check_budget(principal, worst, self)
+
+    def cost(self, usage: Usage | dict) -> dict:
+        return self.prices.cost(usage)
+
+    def over_budget(
+        self, principal, usage: Usage | dict, max_cost_usd: float | None = None
+    ) -> bool:
+        """True once a running request has spent its `max_cost_usd` or the key's budget."""
+        spent = self.prices.cost(usage)["total"]
+        if max_cost_usd is not None and spent >= max_cost_usd:
+            return True
+        budget = getattr(principal, "budget_usd", None)
+        return budget is not None and spent >= budget - self.spent_usd(key_of(principal))
+
+    def record(
+        self, principal, model: str, request_id: str, usage: Usage | dict, status: str
+    ) -> None:
+        """One ledger row for a request the engine has let go of."""
+        key, cost = key_of(principal), self.prices.cost(usage)["total"]
+        self.ledger.record(key, model, usage, cost, status=status, request_id=request_id)
+        with self._lock:
+            if key in self._spent:
+                self._spent[key] += cost
+
+    def close(self) -> None:
+        self.ledger.close()
+
+    @property
+    def router(self):
+        """GET /v1/usage: the calling key's spend (totals, by model, by day)."""
+        from fastapi import APIRouter, Depends
+
+        from serve.api.routes import principal_of
+
+        router = APIRouter()
+
+        def usage(principal=Depends(principal_of)) -> dict:  # noqa: B008 - FastAPI's idiom
+            return self.ledger.spend(key_of(principal))
+
+        router.add_api_route("/v1/usage", usage, methods=["GET"])
+        return router
+
+
+def for_server(model, args: dict[str, str]) -> Billing:
+    """The billing hook for `python -m distill serve` (ledger=<path>, default under the
+    assets home); prices from the served export's serving.json."""
+    path = Path(args["ledger"]).expanduser() if args.get("ledger") else default_ledger_path()
+    return Billing(PriceList(model.spec.pricing), UsageLedger(path))

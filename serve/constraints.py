@@ -4,6 +4,9 @@
     constraint = compiler.compile(request.response_format)  # None for {"type": "text"}
     engine.add_request(prompt, params, token_mask=constraint.token_mask(params.n))
 
+`StructuredOutputs` is the API's constraints hook (serve/api/hooks.py), built by
+`for_server(model, args)` for `python -m distill serve`.
+
 The schema is checked and compiled before any token is generated; an invalid or unsupported
 one raises `ConstraintError` (a ValueError whose message names the problem → HTTP 400).
 Each sequence gets its own llguidance matcher that consumes one token per step, so the cost
@@ -36,7 +39,11 @@ _DATA_KEYWORDS = ("enum", "const", "default", "examples", "example")
 
 
 class ConstraintError(ValueError):
-    """A response_format that is malformed, not a valid JSON Schema, or not supported."""
+    """A response_format that is malformed, not a valid JSON Schema, or not supported
+    (fields read by the API's error mapping: → 400 naming response_format)."""
+
+    status, type, param = 400, "invalid_request_error", "response_format"
+    code = "invalid_response_format"
 
 
 def _backend(tokenizer) -> str:
@@ -116,7 +123,7 @@ def parse_response_format(response_format: dict | None) -> dict | None:
     name = spec.get("name")
     if not isinstance(name, str) or not _NAME.match(name):
         raise ConstraintError(
-            "response_format.json_schema.name is required: 1-64 of a-z, A-Z, 0-9, _ or -"
+            "response_format.json_schema.name must be 1-64 of a-z, A-Z, 0-9, _ or -"
         )
     schema = spec.get("schema", {})  # OpenAI: no schema = any JSON value
     check_schema(schema)
@@ -333,3 +340,30 @@ def compile_response_format(
             ConstraintCompiler(tokenizer, vocab_size, eos_token_ids),
         )
     return hit[1].compile(response_format)
+
+
+class StructuredOutputs:
+    """The API's constraints hook: one compiler per served model, built on first use."""
+
+    def __init__(self):
+        self._compilers: dict[int, tuple[object, ConstraintCompiler]] = {}
+
+    def compiler(self, model) -> ConstraintCompiler:
+        """`model`: a ServedModel (engine with tokenizer, vocab size and EOS ids)."""
+        hit = self._compilers.get(id(model))
+        if hit is None or hit[0] is not model:
+            engine = model.engine
+            compiler = ConstraintCompiler(
+                engine.tokenizer, vocab_size=engine.args.vocab_size, eos_token_ids=engine.eos
+            )
+            hit = self._compilers[id(model)] = (model, compiler)
+        return hit[1]
+
+    def token_mask(self, response_format: dict | None, model, n: int = 1):
+        """The request's TokenMask (None for text); ConstraintError before any generation."""
+        constraint = self.compiler(model).compile(response_format)
+        return None if constraint is None else constraint.token_mask(n)
+
+
+def for_server(model, args: dict[str, str]) -> StructuredOutputs:
+    return StructuredOutputs()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 
 from serve.auth import (
@@ -12,6 +14,7 @@ from serve.auth import (
     authenticate,
     cache_salt,
     check_budget,
+    for_server,
     hash_key,
     key_line,
     new_key,
@@ -116,3 +119,11 @@ def test_duplicates_and_empty_files_are_refused(tmp_path):
     path.write_text("# nothing\n")
     with pytest.raises(ValueError, match="at least one key"):
         KeyStore.load(path)
+
+
+def test_for_server(keys):
+    store, alice, _, path = keys
+    assert for_server(None, {}) is None  # no keys file: an open server
+    hook = for_server(None, {"keys": str(path)})
+    request = SimpleNamespace(headers={"authorization": f"Bearer {alice}"})  # header lookup
+    assert hook.authenticate(request).name == "alice"

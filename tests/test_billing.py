@@ -5,10 +5,15 @@ from __future__ import annotations
 import sqlite3
 import threading
 from datetime import UTC, datetime
+from types import SimpleNamespace
 
 import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
 
-from serve.billing import PriceList, Usage, UsageLedger
+from serve.api.errors import install_error_handlers
+from serve.auth import KeyStore, Principal, QuotaError, key_line
+from serve.billing import Billing, PriceList, Usage, UsageLedger, for_server
 from serve.export_format import Pricing, ServingSpec
 
 # USD per 1M tokens: round numbers so expected costs are exact by hand.
@@ -160,3 +165,58 @@ def test_ledger_is_thread_safe(tmp_path):
     assert ledger.spend("k0")["total"]["requests"] == 400
     assert ledger.spent_usd("k1") == pytest.approx(400e-6)
     ledger.close()
+
+
+OPENAI_USAGE = {  # what the API hands the hook: 100 prompt (50 cached), 200 completion
+    "prompt_tokens": 100, "completion_tokens": 200, "total_tokens": 300,
+    "prompt_tokens_details": {"cached_tokens": 50},
+    "cache_creation_input_tokens": 0, "cache_read_input_tokens": 50,
+}  # fmt: skip
+
+
+def test_openai_usage_shape_is_priced_with_its_cache_reads():
+    cost = PriceList(Pricing(input_per_1m=10.0, output_per_1m=40.0)).cost(OPENAI_USAGE)
+    assert cost["breakdown"]["cache_read"] == pytest.approx(50 * 1.0 / 1e6)
+    assert cost["total"] == pytest.approx((50 * 10 + 50 * 1 + 200 * 40) / 1e6)
+
+
+def test_billing_hook_budgets_caps_and_ledger(tmp_path):
+    spec = ServingSpec("nano", 2048, pricing=Pricing(input_per_1m=10.0, output_per_1m=40.0))
+    billing = for_server(SimpleNamespace(spec=spec), {"ledger": str(tmp_path / "u.sqlite")})
+    alice = Principal("alice", budget_usd=0.01, cache_salt="s")
+    billing.check(alice, "nano", 100, 200)  # worst case $0.009 of $0.01
+    with pytest.raises(QuotaError, match="max_cost_usd"):
+        billing.check(alice, "nano", 100, 200, max_cost_usd=0.005)
+    billing.record(alice, "nano", "req-1", OPENAI_USAGE, "finished")  # $0.00855
+    with pytest.raises(QuotaError) as e:
+        billing.check(alice, "nano", 100, 200)
+    assert e.value.status == 429 and e.value.remaining_usd == pytest.approx(0.00145)
+    # a running stream: over once its cost reaches what is left
+    assert billing.over_budget(alice, {"prompt_tokens": 100, "completion_tokens": 40})
+    assert not billing.over_budget(alice, {"prompt_tokens": 10, "completion_tokens": 1})
+    assert billing.over_budget(None, {"prompt_tokens": 10, "completion_tokens": 1}, 1e-4)
+    # no auth: no budget, ledger key ""
+    billing.check(None, "nano", 10**6, 10**6)
+    billing.record(None, "nano", "req-2", OPENAI_USAGE, "aborted")
+    assert billing.ledger.spend("")["total"]["requests"] == 1
+    assert billing.ledger.spend("alice")["total"]["cost_usd"] == pytest.approx(0.00855)
+    billing.close()
+
+
+def test_usage_route_shows_only_the_callers_spend(tmp_path):
+    keys = tmp_path / "keys.jsonl"
+    keys.write_text(key_line("alice", "sk-a") + "\n" + key_line("bob", "sk-b") + "\n")
+    billing = Billing(PriceList(), UsageLedger(tmp_path / "u.sqlite"))
+    billing.record(Principal("alice"), "nano", "r1", Usage(10, 5), "finished")
+    billing.record(Principal("bob"), "nano", "r2", Usage(20, 5), "finished")
+    app = FastAPI()
+    install_error_handlers(app)
+    app.state.server = SimpleNamespace(auth=KeyStore.load(keys))  # what principal_of reads
+    app.include_router(billing.router)
+    client = TestClient(app)
+    body = client.get("/v1/usage", headers={"Authorization": "Bearer sk-a"}).json()
+    assert body["key"] == "alice" and body["total"]["prompt_tokens"] == 10
+    refused = client.get("/v1/usage")
+    assert refused.status_code == 401
+    assert refused.json()["error"]["code"] == "invalid_api_key"
+    billing.close()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import random
 from collections import Counter
+from types import SimpleNamespace
 
 import jsonschema
 import pytest
@@ -18,6 +19,7 @@ from serve.constraints import (
     ConstraintCompiler,
     ConstraintError,
     compile_response_format,
+    for_server,
     parse_response_format,
 )
 from serve.engine import Engine
@@ -204,7 +206,7 @@ def test_mask_covers_a_padded_model_vocab(tokenizer):
     ("response_format", "problem"),
     [
         ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "strin"}}}, "invalid JSON schema"),
-        ({"type": "json_schema", "json_schema": {"schema": {"type": "object"}}}, "name is required"),
+        ({"type": "json_schema", "json_schema": {"schema": {"type": "object"}}}, "name must be"),
         ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"not": {"type": "null"}}}}, "not"),
         ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"minLength": "3"}}}, "minLength"),
         ({"type": "json_schema", "json_schema": {"name": "x", "schema": [1]}}, "must be an object"),
@@ -213,8 +215,9 @@ def test_mask_covers_a_padded_model_vocab(tokenizer):
     ],
 )  # fmt: skip
 def test_bad_response_formats_name_the_problem(compiler, response_format, problem):
-    with pytest.raises(ConstraintError, match=problem):
+    with pytest.raises(ConstraintError, match=problem) as e:
         compiler.compile(response_format)
+    assert (e.value.status, e.value.param) == (400, "response_format")  # for the API's 400
 
 
 def test_schema_depth_limit(compiler):
@@ -238,21 +241,20 @@ def test_text_and_json_object(tokenizer):
 def test_engine_constrained_generation(tiny_teacher_dir, tokenizer, one_thread):
     """The engine's mask hook, n=2 choices sharing one forking mask, a random tiny model."""
     engine = Engine.from_pretrained(tiny_teacher_dir, num_blocks=64, block_size=16)
-    compiler = ConstraintCompiler(
-        engine.tokenizer, vocab_size=engine.args.vocab_size, eos_token_ids=engine.eos
-    )
+    served = SimpleNamespace(engine=engine)  # what the API hands its hook: a ServedModel
+    hook = for_server(served, {})
     schema = {
         "type": "object",
         "properties": {"ok": {"type": "boolean"}, "color": {"enum": ["red", "green", "blue"]}},
         "required": ["ok", "color"],
         "additionalProperties": False,
     }
-    constraint = compiler.compile(
-        {"type": "json_schema", "json_schema": {"name": "flag", "schema": schema}}
-    )
+    response_format = {"type": "json_schema", "json_schema": {"name": "flag", "schema": schema}}
+    constraint = hook.compiler(served).compile(response_format)
     prompt = engine.tokenizer.encode("Answer in JSON:").ids
     params = SamplingParams(max_tokens=48, temperature=1.0, seed=3, n=2)
-    (choices,) = engine.generate([prompt], params, token_mask=constraint.token_mask(params.n))
+    mask = hook.token_mask(response_format, served, params.n)
+    (choices,) = engine.generate([prompt], params, token_mask=mask)
     for c in choices:
         assert c.finish_reason == "stop", c.text
         jsonschema.validate(constraint.validate_output(c.text), schema)
