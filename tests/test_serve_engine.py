@@ -45,6 +45,32 @@ def test_greedy_same_with_and_without_batching_and_prefix_cache(model_dir):
     assert first[0][0].usage["cache_creation_tokens"] >= 40
 
 
+def test_reused_prefix_blocks_survive_churn_in_a_small_pool(model_dir):
+    """A running sequence's cached prefix blocks are not evicted for other requests: with a
+    10-block pool, a long request reusing 4 cached blocks decodes beside short requests that
+    take every other block, and all outputs equal each prompt alone on a fresh engine."""
+    shared = prompts(1, seed=30, lo=33, hi=34)[0]
+    long_prompt = shared + [5, 6, 7]  # 36 tokens: reuses the 4 full blocks of `shared`
+    long_params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
+    short_params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    churn = prompts(6, seed=31, lo=6, hi=9)  # ≤ 16 tokens each: 2 blocks
+    fresh = lambda: Engine.from_pretrained(model_dir, num_blocks=64, block_size=8)  # noqa: E731
+    want_long = fresh().generate([long_prompt], long_params)[0][0].token_ids
+    want_churn = [fresh().generate([p], short_params)[0][0].token_ids for p in churn]
+
+    engine = Engine.from_pretrained(model_dir, num_blocks=10, block_size=8)
+    engine.generate([shared], SamplingParams(max_tokens=1, temperature=0))  # caches 4 blocks
+    long_req = engine.add_request(long_prompt, long_params)
+    short_reqs = [engine.add_request(p, short_params) for p in churn]
+    engine.step()
+    assert long_req.cached_tokens == 32
+    while engine.has_work():
+        engine.step()
+    assert Engine.collect(long_req)[0].token_ids == want_long
+    assert [Engine.collect(r)[0].token_ids for r in short_reqs] == want_churn
+    assert engine.pool.num_available() == 10
+
+
 def test_cached_prefix_prefills_only_the_rest(model_dir):
     engine = Engine.from_pretrained(model_dir, num_blocks=64, block_size=8)
     p = prompts(1, seed=3, lo=30, hi=31)[0]

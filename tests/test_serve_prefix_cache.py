@@ -60,3 +60,20 @@ def test_refcounts_sharing_and_lru_eviction():
     assert pool.lookup(keys) == [] and pool.num_available() == 0
     with pytest.raises(MemoryError):
         pool.allocate()
+
+
+def test_a_reused_cached_block_is_never_handed_out_while_in_use():
+    pool = BlockPool(num_blocks=3, block_size=16)
+    key = block_keys(TOKENS, 16)[0]
+    a = pool.allocate()
+    assert pool.register(a, key)
+    pool.release([a])  # cached and evictable
+    assert pool.lookup([key]) == [a]
+    pool.acquire([a])  # a new sequence reuses it: no longer evictable
+    assert pool.num_available() == 2
+    fresh = [pool.allocate(), pool.allocate()]
+    assert a not in fresh
+    with pytest.raises(MemoryError):
+        pool.allocate()
+    pool.release([a])  # its user finishes: cached again, still under its key
+    assert pool.lookup([key]) == [a] and pool.num_available() == 1
