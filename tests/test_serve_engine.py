@@ -188,19 +188,22 @@ def test_token_mask_hook_constrains_sampling(model_dir):
     engine = Engine.from_pretrained(model_dir, num_blocks=64, block_size=8)
     allowed = torch.zeros(VOCAB, dtype=torch.bool)
     allowed[[7, 11, 13]] = True
-    seen = []
-
-    def mask(generated):
-        seen.append(list(generated))
-        return allowed
 
     for temperature in (0.0, 1.0):
+        seen = []
+
+        def mask(generated, seen=seen):
+            seen.append(list(generated))
+            return allowed
+
         params = SamplingParams(max_tokens=6, temperature=temperature, seed=0, ignore_eos=True)
         req = engine.add_request([1, 2, 3], params, token_mask=mask)
         while engine.has_work():
             engine.step()
-        assert set(Engine.collect(req)[0].token_ids) <= {7, 11, 13}
-    assert seen[1] == seen[0] + seen[1][-1:] or len(seen[1]) == 1  # hook sees the tokens so far
+        out = Engine.collect(req)[0].token_ids
+        assert set(out) <= {7, 11, 13} and len(out) == 6
+        # Called once per sampled token with the tokens generated so far, never the prompt.
+        assert seen == [out[:i] for i in range(6)]
 
 
 def test_stop_token_ids_max_tokens_and_length(model_dir):
