@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 
 import pytest
 import torch
@@ -264,6 +265,23 @@ def test_speed_counts_tokens_and_ratios(pair):
     assert ratios["student"]["tpot_ms_vs_teacher"] == pytest.approx(
         speed["student"]["tpot_ms"] / speed["teacher"]["tpot_ms"]
     )
+
+
+def test_ttft_counts_the_prefill_and_tpot_does_not(pair):
+    """A prefill slowed by 0.3 s shows in the time to first token and not in the time per
+    later token (each decode step embeds one token and is not slowed)."""
+    teacher, _ = pair
+
+    def slow_prefill(module, args):
+        if args[0].shape[-1] > 1:  # input_ids [1, prompt_len]: the prefill forward
+            time.sleep(0.3)
+
+    handle = teacher.model.embed_tokens.register_forward_pre_hook(slow_prefill)
+    try:
+        ttft, tpot = time_generation(teacher, list(range(1, 9)), new_tokens=4)
+    finally:
+        handle.remove()
+    assert ttft >= 0.3 and tpot < 0.3
 
 
 def test_heldout_sentences_paragraphs_and_prompts(tokenizer):
