@@ -113,7 +113,9 @@ def test_chunked_from_hidden_states_equals_unchunked_values_and_grads(kind):
     """lm_head applied per chunk (with recompute in backward) == one dense pass."""
     torch.manual_seed(6)
     vocab, width = 300, 16
-    s_head, t_head = torch.nn.Linear(width, vocab + 4, bias=False), torch.nn.Linear(24, vocab)
+    # Both heads carry padding rows past the shared vocabulary (the teacher's own count):
+    # the loss must cut both sides, the teacher too, on the per-chunk path.
+    s_head, t_head = torch.nn.Linear(width, vocab + 4, bias=False), torch.nn.Linear(24, vocab + 8)
     s_states = torch.randn(3, 10, width, requires_grad=True)
     t_states = torch.randn(3, 10, 24)
     labels = torch.randint(0, vocab, (3, 10))
@@ -123,7 +125,7 @@ def test_chunked_from_hidden_states_equals_unchunked_values_and_grads(kind):
         s_states.grad, s_head.weight.grad = None, None
         loss = KDLoss(kind=kind, temperature=2.0, ce_weight=0.3, chunk_size=chunk_size)
         if dense:  # full logits, sliced to the shared vocabulary
-            out = loss(s_head(s_states)[..., :vocab], t_head(t_states), labels)
+            out = loss(s_head(s_states)[..., :vocab], t_head(t_states)[..., :vocab], labels)
         else:
             out = loss(HeadStates(s_states, s_head), HeadStates(t_states, t_head), labels, vocab)
         out["loss"].backward()
