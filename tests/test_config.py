@@ -29,6 +29,53 @@ def test_every_group_option_composes(group, option):
     assert group in cfg
 
 
+# What each configs/loss option means: (divergence, kd_weight, ce_weight, other fields).
+LOSS_OPTIONS = {
+    "fkl": ("forward_kl", 1.0, 0.0, {}),
+    "rkl": ("reverse_kl", 1.0, 0.0, {}),
+    "jsd": ("jsd", 1.0, 0.0, {"params": {"beta": 0.5}}),
+    "gkd": ("jsd", 1.0, 0.0, {"params": {"beta": 0.5}, "on_policy_fraction": 0.5}),
+    "skew_fkl": ("skew_forward_kl", 1.0, 0.0, {"params": {"alpha": 0.1}}),
+    "skew_rkl": ("skew_reverse_kl", 1.0, 0.0, {"params": {"alpha": 0.1}}),
+    "tvd": ("total_variation", 1.0, 0.0, {}),
+    "ce": ("forward_kl", 0.0, 1.0, {}),
+    "hidden": ("forward_kl", 1.0, 0.0, {"hidden_weight": 1.0, "hidden_loss": "mse"}),
+    "topk_cached": ("forward_kl", 1.0, 0.0, {"top_k": 64}),
+}
+
+
+def test_loss_options_are_all_listed():
+    assert {o for g, o in GROUP_OPTIONS if g == "loss"} == set(LOSS_OPTIONS)
+
+
+@pytest.mark.parametrize("option", sorted(LOSS_OPTIONS))
+def test_loss_option_composes_the_loss_it_names(option):
+    """loss=<option> builds the divergence it names: the fields, and the value on fixed
+    logits against the divergence function itself (forward and reverse KL differ here)."""
+    import torch
+    import torch.nn.functional as F
+
+    from distill.losses import DIVERGENCES
+
+    kind, kd_weight, ce_weight, extra = LOSS_OPTIONS[option]
+    loss = instantiate(_compose("nano-text", [f"loss={option}"]).loss)
+    assert (loss.kind, loss.kd_weight, loss.ce_weight) == (kind, kd_weight, ce_weight)
+    for name, value in extra.items():
+        assert getattr(loss, name) == value, name
+    if option == "topk_cached":
+        assert loss.cache and "teacher-cache" in loss.cache
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(2, 3, 11, generator=g), 2 * torch.randn(2, 3, 11, generator=g)
+    labels = torch.randint(0, 11, (2, 3), generator=g)
+    got = loss(s, t, labels)["loss"]
+    log_ps, log_pt = F.log_softmax(s.flatten(0, 1), -1), F.log_softmax(t.flatten(0, 1), -1)
+    kd = DIVERGENCES[kind](log_ps, log_pt, **loss.params).mean()
+    ce = F.cross_entropy(s.flatten(0, 1), labels.flatten())
+    torch.testing.assert_close(got, kd_weight * kd + ce_weight * ce)
+    fkl, rkl = (DIVERGENCES[k](log_ps, log_pt).mean() for k in ("forward_kl", "reverse_kl"))
+    assert abs(fkl - rkl) > 0.1  # so the value tells the two apart
+
+
 def test_components_instantiate(tmp_path, tokenizer):
     cfg = _compose("nano-text", ["trainer.max_steps=1"])
     assert type(instantiate(cfg.loss)).__name__ == "KDLoss"

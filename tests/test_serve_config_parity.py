@@ -330,3 +330,15 @@ def test_checkpoint_tensors_the_config_does_not_declare_are_refused(name, tmp_pa
         save_file(tensors, bad / "model.safetensors")
         with pytest.raises(error, match=match):
             load_model(bad)
+
+
+def test_the_server_refuses_at_load(tmp_path):
+    """The refusal reaches `load_model` / `Engine.from_pretrained`, before any weight is read."""
+    _save_family("llama", tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "hidden_act": "gelu_pytorch_tanh"}))
+    with pytest.raises(ValueError, match="hidden_act='gelu_pytorch_tanh'"):
+        load_model(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({**config, "model_type": "gemma"}))
+    with pytest.raises(ValueError, match="model_type 'gemma'"):
+        Engine.from_pretrained(tmp_path)
