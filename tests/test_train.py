@@ -137,7 +137,12 @@ def test_bad_override_is_a_clear_error(tmp_path, tiny_teacher_dir):
     ]
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert result.returncode != 0
-    assert "nope" in result.stderr
+    # The knob, its value and the reason, before anything runs; not a traceback mentioning it.
+    assert result.stderr.splitlines()[-2:] == [
+        "error: train: 1 invalid setting(s), nothing was run:",
+        f"  teacher.name_or_path='{tmp_path / 'nope'}': no such directory or file",
+    ]
+    assert "Traceback" not in result.stderr
 
 
 @pytest.mark.slow
