@@ -20,16 +20,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
-import subprocess
-import sys
 import time
-from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
 import torch
+from provenance import provenance  # bench/provenance.py (the script's own directory)
 
 from serve.constraints import ConstraintCompiler, ConstraintError
 from serve.engine import Engine
@@ -45,36 +42,6 @@ NEW_TOKENS = 32
 CONFORMANCE = (
     Path(__file__).resolve().parents[2] / "shared" / "data" / "jsonschema-conformance.jsonl"
 )
-
-
-def environment() -> dict:
-    cpu = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        ),
-        platform.processor(),
-    )
-    commit = subprocess.run(
-        ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False
-    ).stdout.strip()
-    dirty = subprocess.run(
-        ["git", "status", "--porcelain", "--", "serve/constraints.py", "bench/constraints.py"],
-        capture_output=True, text=True, check=False,
-    ).stdout.strip()  # fmt: skip
-    return {
-        "command": " ".join(["python", *sys.argv]),
-        "commit": commit + ("+dirty" if dirty else ""),
-        "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "cpu": cpu,
-        "threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "versions": {
-            p: version(p)
-            for p in ("llguidance", "torch", "tokenizers", "transformers", "jsonschema")
-        },
-    }
 
 
 def percentiles(xs: list[float], scale: float) -> dict:
@@ -182,7 +149,7 @@ def main() -> None:
     ap.add_argument("--out", default="bench/results/constraints.json")
     args = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
-    results = {**environment(), **run(args.schemas, args.seed)}
+    results = run(args.schemas, args.seed)
     batches = [int(b) for b in args.batches.split(",") if b]
     results["decode"] = [decode_ratio(b) for b in batches]
     print(f"{results['compiled']} of {results['schemas']} sampled schemas compiled")
@@ -199,6 +166,7 @@ def main() -> None:
         )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    results["provenance"] = provenance(("llguidance", "tokenizers", "jsonschema"))
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {out}")
 

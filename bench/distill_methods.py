@@ -27,6 +27,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from hydra.utils import instantiate
+from provenance import provenance  # bench/provenance.py (the script's own directory)
 from rich.console import Console
 from rich.table import Table
 
@@ -188,7 +189,8 @@ def main() -> None:
         }
         log.info("%s: %s", name, rows[name])
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"partial": True, "results": rows}, indent=2))  # so far
+        partial = {"partial": True, "overrides": base, "results": rows, "provenance": provenance()}
+        args.out.write_text(json.dumps(partial, indent=2))  # so far
 
     summary = {
         "student": args.student,
@@ -201,7 +203,9 @@ def main() -> None:
         "lr": args.lr,
         "top_k": args.top_k,
         "test_tokens": int(test[:, 1:].numel()),
+        "overrides": base,  # every variant composes these plus student.init= and loss=
         "results": rows,
+        "provenance": provenance(),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(summary, indent=2))

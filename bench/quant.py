@@ -117,6 +117,7 @@ def main() -> None:
         parser.error("--run-dir is required")
 
     import torch
+    from provenance import provenance  # bench/provenance.py (the script's own directory)
     from rich.console import Console
     from rich.table import Table
 
@@ -210,6 +211,7 @@ def main() -> None:
     )
     console.print(f"QAT recovery of the PTQ loss: {rec if rec is None else f'{rec:.0%}'}")
     console.print(f"targets: {t}")
+    summary["provenance"] = provenance()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(summary, indent=2))
     console.print(f"wrote {args.out}")

@@ -1,6 +1,6 @@
 """GPU checks of the scale-out options on tiny models (needs CUDA; not a test).
 
-  python bench/scaleout_gpu_check.py [out.json]
+  python bench/scaleout_gpu_check.py [out.json]   # default bench/results/scaleout_gpu_check.json
 
 trainer=fsdp (teacher sharded in configure_model), trainer=ddp, teacher.load_in_8bit=true
 (bitsandbytes), optim.optimizer=adamw8bit, trainer=deepspeed when deepspeed is installed. Each
@@ -17,7 +17,10 @@ import time
 import traceback
 from pathlib import Path
 
+from provenance import provenance  # bench/provenance.py (the script's own directory)
+
 CHECKS = ("fsdp", "ddp", "teacher_8bit", "adamw8bit", "deepspeed")
+RESULTS = Path(__file__).resolve().parent / "results" / "scaleout_gpu_check.json"
 
 
 def run_check(name: str, workdir: Path) -> dict:
@@ -88,7 +91,7 @@ def run_check(name: str, workdir: Path) -> dict:
 
 
 def main() -> None:
-    out = Path(sys.argv[1]) if len(sys.argv) > 1 else Path("scaleout_gpu_check.json")
+    out = Path(sys.argv[1]) if len(sys.argv) > 1 else RESULTS
     results = {}
     for name in CHECKS:
         start = time.perf_counter()
@@ -104,7 +107,12 @@ def main() -> None:
         print(
             f"{'PASS' if result['ok'] else 'FAIL'} {name}: {json.dumps(result)[:1500]}", flush=True
         )
-    out.write_text(json.dumps(results, indent=2))
+    summary = {
+        "checks": results,
+        "provenance": provenance(("lightning", "bitsandbytes", "deepspeed")),
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(summary, indent=2))
 
 
 if __name__ == "__main__":
