@@ -111,16 +111,16 @@ def test_fast_int8_loader_agrees_with_transformers(tmp_path, tiny_teacher_dir):
     reference = _logits(load_export(out, int8_kernels=False), ids)
     fast_model = load_export(out)
     assert sum(isinstance(m, Int8Linear) for m in fast_model.modules()) == 4 * 7 + 1
-    fast = _logits(fast_model, ids)  # 32 tokens per call: the per-token reference path
+    fast = _logits(fast_model, ids)  # 2 × 16 tokens in one call, on the fbgemm kernels
     # Measured (this tiny model, these ids): 18 of 32 positions agree to 1e-6; the rest differ
     # by 0.49-0.78% of the largest logit, where one activation lands on the other side of an
     # int8 rounding boundary (fp32 sums in a different order) and the flip propagates. 1.5%
     # is twice the worst measured token; the old 5% would pass several flips per token.
     assert (fast - reference).abs().max() < 0.015 * reference.abs().max()
     assert (fast.argmax(-1) == reference.argmax(-1)).float().mean() > 0.9
-    short = ids[:1, :8]  # 8 tokens per call: fbgemm int8 kernels, one call per token
+    short = ids[:1, :8]  # a shorter call: the same per-token numerics, whatever the rows
     fast_short, ref_short = _logits(fast_model, short), reference[:1, :8]
-    # Measured 5e-7 relative (no rounding flip in these 8 tokens); same bound as above.
+    # Measured 5e-7 relative (no rounding flip in these 8 positions); same bound as above.
     assert (fast_short - ref_short).abs().max() < 0.015 * ref_short.abs().max()
     # int8 weights: well under half of the fp32 bytes even with the 49k table stored twice
     fp32 = export(tiny_teacher_dir, tmp_path / "fp32", quant="none")
