@@ -146,7 +146,7 @@ def test_bad_override_is_a_clear_error(tmp_path, tiny_teacher_dir):
 
 
 @pytest.mark.slow
-def test_real_teacher_heldout_perplexity_below_40(tokenizer):
+def test_real_teacher_heldout_perplexity_is_19_5(tokenizer):
     from distill.assets import TEACHER_NAME
     from distill.data.corpus import load_wiki, split_corpus
     from distill.data.text import pack_documents
@@ -158,4 +158,7 @@ def test_real_teacher_heldout_perplexity_below_40(tokenizer):
     blocks = pack_documents(tokenizer, test_docs, seq_len=256, max_blocks=16)
     result = perplexity(teacher, blocks, batch_size=8, progress=False)
     assert result["tokens"] == 16 * 255
-    assert 1.0 < result["perplexity"] < 40.0
+    # Measured 19.5453 on this fixed sample (2026-11-30; bench/results/prune_shapes.json's
+    # teacher row, the same 4,080 tokens, gives 19.5453 too). 1% leaves room for fp32
+    # summation order on other CPUs; a changed split, tokenizer or teacher moves it further.
+    assert result["perplexity"] == pytest.approx(19.545, rel=0.01)
