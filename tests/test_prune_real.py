@@ -27,7 +27,8 @@ def test_real_teacher_half_budget(tmp_path, tokenizer):
     student = prune_stage(cfg, teacher, tokenizer, data, tmp_path).eval()
 
     record = json.loads((tmp_path / "student-init" / "prune.json").read_text())
-    assert abs(record["fraction"] / 0.5 - 1) <= 0.03
+    # The budget is a cap (search.tolerance 0.03 below it); measured pick: 0.491 (27 layers).
+    assert 0.97 * 0.5 <= record["fraction"] <= 0.5
     assert record["student_parameters"] == count_parameters(student)
     assert type(student) is type(teacher) and student.config.head_dim == 64
     assert student.config.tie_word_embeddings
