@@ -40,6 +40,11 @@ def stream(client, path: str, body: dict) -> list:
         return sse_events(r.iter_lines())
 
 
+def test_one_running_app_per_engine(served, client):
+    with pytest.raises(RuntimeError, match="already served"), TestClient(create_app(served)):
+        pass
+
+
 def test_models_and_health(client):
     assert client.get("/health").json()["status"] == "ok"
     (card,) = client.get("/v1/models").json()["data"]
@@ -171,7 +176,8 @@ class AllowOnly:
         return lambda generated: allowed
 
 
-def test_frequency_penalty_spreads_repeated_tokens(served):
+def test_frequency_penalty_spreads_repeated_tokens(tiny_export):
+    served = ServedModel.load(tiny_export, **ENGINE)  # its own engine: one app per engine
     ids = [1000, 2000, 3000]
     app = create_app(served, constraints=AllowOnly(ids, served.engine.args.vocab_size))
     with TestClient(app) as client:
@@ -331,7 +337,8 @@ class ForceText:
 TARGET = "héllo 🙂🙃 日本語!"
 
 
-def test_hooks_auth_billing_constraints(served, tokenizer):
+def test_hooks_auth_billing_constraints(tiny_export, tokenizer):
+    served = ServedModel.load(tiny_export, **ENGINE)  # its own engine: one app per engine
     billing = FakeBilling()
     ids = tokenizer(TARGET, add_special_tokens=False)["input_ids"]
     force = ForceText(ids, tokenizer.eos_token_id, served.engine.args.vocab_size)

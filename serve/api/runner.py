@@ -72,6 +72,11 @@ class EngineRunner:
     # ---- handler side (asyncio loop) ------------------------------------------------------
 
     def start(self) -> None:
+        """Start the engine thread; an engine is stepped by one runner at a time."""
+        owner = getattr(self.engine, "_api_runner", None)
+        if owner is not None and owner is not self and owner.alive:
+            raise RuntimeError("this engine is already served by another running app")
+        self.engine._api_runner = self
         self._thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -81,6 +86,8 @@ class EngineRunner:
         self.wake()
         if self._thread.is_alive():
             self._thread.join(timeout)
+        if getattr(self.engine, "_api_runner", None) is self:
+            self.engine._api_runner = None
 
     def wake(self) -> None:
         self._wake.set()
