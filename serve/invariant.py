@@ -82,28 +82,27 @@ def attend_rows(
     """
     n, heads, hd = q.shape
     kh = kv.shape[1] // 2
-    q = q.view(n, kh, heads // kh, hd)  # the heads sharing a KV head act as its query rows
-    out = q.new_empty(n, heads * hd)
+    q = q.view(n, 1, kh, heads // kh, hd)  # the heads sharing a KV head act as its query rows
     positions = batch.positions.tolist()
+    outs = []
+
+    def attend(i: int, keys_values: torch.Tensor) -> None:
+        """Row i over keys_values [L, 2K, hd] (a view: the same layout for every row)."""
+        kvt = keys_values.transpose(0, 1)[None]  # [1, 2K, L, hd]
+        outs.append(F.scaled_dot_product_attention(q[i], kvt[:, :kh], kvt[:, kh:]))
 
     def first(p: int) -> int:
         return 0 if window is None else max(0, p - window + 1)
 
-    def attend(rows: slice, keys_values: torch.Tensor) -> None:
-        """keys_values [1, L, 2K, hd] → out[rows]."""
-        kvt = keys_values.transpose(1, 2)  # [R, 2K, L, hd]
-        o = F.scaled_dot_product_attention(q[rows], kvt[:, :kh], kvt[:, kh:])
-        out[rows] = o.flatten(1)
-
-    # One call per decode row: SDPA's batch entries are not independent (measured: a row's
-    # bits change when another sequence of the same length joins its call).
-    for i in range(batch.num_decode):
-        p = positions[i]
-        attend(slice(i, i + 1), kv[batch.decode_slots[i : i + 1, first(p) : p + 1]])
-    # Prefill rows: the chunk's context is gathered once; each row reads its own prefix of it.
+    # One call per row: SDPA's batch entries are not independent (measured: a row's bits
+    # change when another sequence of the same length joins its call). Contexts are gathered
+    # once per step (decode) or per chunk (prefill); each row reads a view of its prefix.
+    if batch.num_decode:
+        decode = kv[batch.decode_slots]  # [B, L, 2K, hd]
+        for i in range(batch.num_decode):
+            attend(i, decode[i, first(positions[i]) : positions[i] + 1])
     for span in batch.prefills:
         context = kv[span.context_slots]  # [L, 2K, hd]
         for i in range(span.token_start, span.token_start + span.num_tokens):
-            p = positions[i]
-            attend(slice(i, i + 1), context[None, first(p) : p + 1])
-    return out
+            attend(i, context[first(positions[i]) : positions[i] + 1])
+    return torch.cat(outs).view(n, heads * hd)
