@@ -9,6 +9,12 @@ Exports fp32 / PTQ / QAT with `distill.export`, then reports held-out perplexity
 split, the same hash split training used), weight bytes on disk, resident memory and greedy
 decode tokens/s at batch 1 — fp32 and int8 (serve.int8 fbgemm kernels) measured in this run,
 each in a fresh subprocess. Prints a table and writes JSON.
+
+Noise floor: a W8A8 model is hypersensitive — scaling every RMSNorm weight by
+(1 + 1e-6·N(0, 1)) moves an int8 model's next-token distribution about as much as PTQ vs fp32
+does — so every perplexity is also measured under `--perturbations` such perturbations (seeds
+1..k) and reported as mean ± std with min/max, and the QAT recovery of the PTQ loss is given
+per perturbation seed. A difference inside that spread is noise.
 """
 
 from __future__ import annotations
@@ -88,6 +94,39 @@ def run_child(export_dir: Path, int8_kernels: bool, args) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def perturb_norms(model, seed: int, scale: float) -> None:
+    """Scale every RMSNorm weight by (1 + scale · N(0, 1)), in place (seeded)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.mul_(1 + scale * torch.randn(param.shape, generator=g))
+
+
+def perplexity_spread(load, blocks, seeds: list[int], scale: float) -> dict:
+    """Perplexity of a fresh `load()` as is, and under each seed's norm perturbation."""
+    from eval.perplexity import perplexity
+
+    values = {}
+    for seed in [0, *seeds]:
+        model = load()
+        if seed:
+            perturb_norms(model, seed, scale)
+        values[seed] = perplexity(model, blocks, batch_size=8, progress=False)["perplexity"]
+        del model
+    perturbed = [values[s] for s in seeds]
+    return {
+        "perplexity": values[0],
+        "perturbed": perturbed,
+        "mean": statistics.mean(perturbed),
+        "std": statistics.stdev(perturbed) if len(perturbed) > 1 else 0.0,
+        "min": min(perturbed),
+        "max": max(perturbed),
+    }
+
+
 def heldout_blocks(tokenizer, max_blocks: int, seq_len: int):
     from distill.data.corpus import load_wiki, split_corpus
     from distill.data.text import pack_documents
@@ -101,7 +140,9 @@ def main() -> None:
     parser.add_argument("--run-dir", type=Path)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "quant.json")
     parser.add_argument("--export-root", type=Path, default=None)
-    parser.add_argument("--eval-blocks", type=int, default=32)
+    parser.add_argument("--eval-blocks", type=int, default=64)
+    parser.add_argument("--perturbations", type=int, default=3, help="RMSNorm noise seeds (≥ 3)")
+    parser.add_argument("--perturbation-scale", type=float, default=1e-6)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=64)
@@ -115,6 +156,8 @@ def main() -> None:
         return
     if args.run_dir is None:
         parser.error("--run-dir is required")
+    if args.perturbations < 3:
+        parser.error(f"--perturbations must be >= 3 for a spread, got {args.perturbations}")
 
     import torch
     from provenance import provenance  # bench/provenance.py (the script's own directory)
@@ -124,7 +167,6 @@ def main() -> None:
     from distill.export import export, load_export
     from distill.models.loading import load_tokenizer
     from distill.offline import set_offline_defaults
-    from eval.perplexity import perplexity
     from serve.export_format import read_export
 
     set_offline_defaults()
@@ -142,18 +184,21 @@ def main() -> None:
     tokenizer = load_tokenizer(str(run_dir / "student"))
     blocks = heldout_blocks(tokenizer, args.eval_blocks, args.seq_len)
 
+    seeds = list(range(1, args.perturbations + 1))
     rows: dict[str, dict] = {}
     for name, path in exports.items():
-        model = load_export(path, int8_kernels=False)  # transformers' reference numerics
-        ppl = perplexity(model, blocks, batch_size=8, progress=False)
-        rows[name] = {"perplexity": ppl["perplexity"], "bytes": read_export(path).weight_bytes()}
-        del model
-    fast = load_export(exports["qat-int8"])  # what the CPU runtime executes
-    rows["qat-int8 (fbgemm kernels)"] = {
-        "perplexity": perplexity(fast, blocks, batch_size=8, progress=False)["perplexity"],
-        "bytes": rows["qat-int8"]["bytes"],
-    }
-    del fast
+        # transformers' reference numerics
+        spread = perplexity_spread(
+            lambda path=path: load_export(path, int8_kernels=False),
+            blocks,
+            seeds,
+            args.perturbation_scale,
+        )
+        rows[name] = {**spread, "bytes": read_export(path).weight_bytes()}
+    fast = perplexity_spread(  # what the CPU runtime executes
+        lambda: load_export(exports["qat-int8"]), blocks, seeds, args.perturbation_scale
+    )
+    rows["qat-int8 (fbgemm kernels)"] = {**fast, "bytes": rows["qat-int8"]["bytes"]}
 
     speed = {"fp32": [], "int8": []}
     for _ in range(2):  # interleaved, so drift on a shared machine hits both
@@ -163,12 +208,21 @@ def main() -> None:
     int8_tps = statistics.median(s["tokens_per_s"] for s in speed["int8"])
 
     fp32_ppl, ptq_ppl, qat_ppl = (rows[k]["perplexity"] for k in ("fp32", "ptq-int8", "qat-int8"))
-    ptq_loss = ptq_ppl - fp32_ppl
+
+    def recovery(fp32: float, ptq: float, qat: float) -> float | None:
+        return (ptq - qat) / (ptq - fp32) if ptq > fp32 else None
+
+    per_seed = [
+        recovery(*(rows[k]["perturbed"][i] for k in ("fp32", "ptq-int8", "qat-int8")))
+        for i in range(len(seeds))
+    ]
     summary = {
         "run_dir": str(run_dir),
         "eval_tokens": int(blocks[:, 1:].numel()),
+        "perturbation": {"seeds": seeds, "scale": args.perturbation_scale},
         "models": rows,
-        "qat_recovery": (ptq_ppl - qat_ppl) / ptq_loss if ptq_loss > 0 else None,
+        "qat_recovery": recovery(fp32_ppl, ptq_ppl, qat_ppl),
+        "qat_recovery_per_perturbation": per_seed,
         "int8_bytes_fraction": rows["qat-int8"]["bytes"] / rows["fp32"]["bytes"],
         "decode": {
             "prompt_tokens": args.prompt_tokens,
@@ -193,12 +247,15 @@ def main() -> None:
     t["decode_at_least_2x"] = summary["decode"]["speedup"] >= 2.0
 
     table = Table(title=f"INT8: fp32 vs PTQ vs QAT ({summary['eval_tokens']} held-out tokens)")
-    for col in ("model", "perplexity", "weights MB", "vs fp32 bytes"):
+    for col in ("model", "perplexity", "perturbed mean ± std", "[min, max]", "weights MB",
+                "vs fp32 bytes"):  # fmt: skip
         table.add_column(col, justify="right")
     for name, row in rows.items():
         table.add_row(
             name,
             f"{row['perplexity']:.3f}",
+            f"{row['mean']:.3f} ± {row['std']:.3f}",
+            f"[{row['min']:.3f}, {row['max']:.3f}]",
             f"{row['bytes'] / 1e6:.1f}",
             f"{row['bytes'] / rows['fp32']['bytes']:.1%}",
         )
@@ -210,6 +267,9 @@ def main() -> None:
         f"int8 {int8_tps:.1f} tok/s ({d['int8_rss_mb']:.0f} MB RSS) | {d['speedup']:.2f}x"
     )
     console.print(f"QAT recovery of the PTQ loss: {rec if rec is None else f'{rec:.0%}'}")
+    console.print(
+        "per perturbation seed: " + ", ".join("n/a" if r is None else f"{r:.0%}" for r in per_seed)
+    )
     console.print(f"targets: {t}")
     summary["provenance"] = provenance()
     args.out.parent.mkdir(parents=True, exist_ok=True)

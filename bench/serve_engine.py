@@ -158,9 +158,15 @@ def main() -> None:
     ap.add_argument("--batches", default="1,8,32")
     ap.add_argument("--teacher", default=str(TEACHER), help="checkpoint for the comparisons")
     ap.add_argument("--student", default=None, help="default: newest nano-text run's student")
+    ap.add_argument(
+        "--int8-only",
+        action="store_true",
+        help="only the teacher int8-vs-fp32 decode sweep (e.g. on an older checkout, as 'before')",
+    )
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+    from provenance import provenance  # bench/provenance.py (the script's own directory)
     from transformers import AutoModelForCausalLM
 
     from distill.export import export
@@ -168,13 +174,23 @@ def main() -> None:
 
     teacher = Path(args.teacher)
     results: dict = {"threads": torch.get_num_threads(), "checkpoint": str(teacher)}
+    results["provenance"] = provenance()
+    if args.int8_only:
+        engine = Engine(load_model(teacher), kv_memory_bytes=2 << 30)
+        fp32 = [{"batch": b, "engine_tps": engine_decode_tps(engine, b)} for b in batches(args)]
+        with tempfile.TemporaryDirectory() as tmp:
+            int8_teacher = export(teacher, Path(tmp) / "int8", quant="int8", scheme=Int8Scheme())
+            engine8 = Engine(load_model(int8_teacher), kv_memory_bytes=2 << 30)
+        results["teacher_int8_vs_fp32"] = int8_vs_fp32(engine, engine8, fp32)
+        save(results, args.out)
+        return
     results["gemv_bandwidth_gb_s"] = gemv_bandwidth() / 1e9
     log.info("bandwidth %.1f GB/s", results["gemv_bandwidth_gb_s"])
 
     hf = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32).eval()
     engine = Engine(load_model(teacher), kv_memory_bytes=2 << 30)
     rows = []
-    for b in [int(x) for x in args.batches.split(",")]:
+    for b in batches(args):
         ours, theirs = engine_decode_tps(engine, b), hf_decode_tps(hf, b)
         rows.append(
             {"batch": b, "engine_tps": ours, "transformers_tps": theirs, "speedup": ours / theirs}
@@ -209,9 +225,27 @@ def main() -> None:
         results["bound"]["student int8"] = decode_vs_bound(int8, bw)
 
     print_table(results)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
-    log.info("wrote %s", args.out)
+    save(results, args.out)
+
+
+def batches(args) -> list[int]:
+    return [int(x) for x in args.batches.split(",")]
+
+
+def save(results: dict, out: str) -> None:
+    if "decode" not in results:  # --int8-only
+        print_int8(results)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(results, indent=2) + "\n")
+    log.info("wrote %s", out)
+
+
+def print_int8(r: dict) -> None:
+    print("\n| batch | teacher int8 tok/s | teacher fp32 tok/s | int8 ÷ fp32 |")
+    print("|---:|---:|---:|---:|")
+    for row in r["teacher_int8_vs_fp32"]:
+        print(f"| {row['batch']} | {row['int8_tps']:.1f} | {row['fp32_tps']:.1f} | "
+              f"{row['ratio']:.2f}× |")  # fmt: skip
 
 
 def print_table(r: dict) -> None:
@@ -222,11 +256,7 @@ def print_table(r: dict) -> None:
         print(
             f"| {row['batch']} | {row['engine_tps']:.1f} | {row['transformers_tps']:.1f} | {row['speedup']:.2f}× |"
         )
-    print("\n| batch | teacher int8 tok/s | teacher fp32 tok/s | int8 ÷ fp32 |")
-    print("|---:|---:|---:|---:|")
-    for row in r["teacher_int8_vs_fp32"]:
-        print(f"| {row['batch']} | {row['int8_tps']:.1f} | {row['fp32_tps']:.1f} | "
-              f"{row['ratio']:.2f}× |")  # fmt: skip
+    print_int8(r)
     t = r["ttft_1024"]
     print(f"\nTTFT 1,024-token prompt: cold {t['cold_s'] * 1e3:.0f} ms, first 1,008 cached "
           f"{t['cached_s'] * 1e3:.0f} ms ({100 * t['ratio']:.1f}% of cold)")  # fmt: skip
