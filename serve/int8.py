@@ -16,10 +16,10 @@ Fast path, and why it is batch-invariant: fbgemm's dynamic int8 linear
 ONE activation scale for the whole (tokens, features) input, so a token's numerics would depend
 on the other rows in its step (and one outlier token wrecks a long prefill: perplexity
 43.9 → 172.8). We therefore quantize activations per token ourselves (the reference rule) and
-hand fbgemm integers it can represent exactly: with an extra "anchor" row holding the grid's
-min and max, fbgemm's chosen scale is exactly 1 and its zero point fixed, so its int32
-accumulation computes w_scale · (q_token · W_int8ᵀ) exactly for every row, whatever else the
-step holds. The per-token scale and zero point are applied afterwards, row by row. Result:
+hand fbgemm the integers with a fixed grid (scale 1, zero point 128: its
+`linear_with_input_q_dq_qweight_dq_output_fp32` op), so its int32 accumulation computes
+w_scale · (q_token · W_int8ᵀ) exactly for every row, whatever else the step holds. The
+per-token scale and zero point are applied afterwards, row by row. Result:
 the same bits for a token alone, batched with others, or in a prefill chunk of any size, and
 within ~1e-5 of the fp32 reference. On CPUs whose int8 dot product saturates 16-bit pairs
 (AVX2 without VNNI, where fbgemm needs 7-bit activations), each row is split into a 7-bit
@@ -89,28 +89,21 @@ def fake_quantize_per_token(x: Tensor) -> Tensor:
     return ((q - zero_point) * scale).reshape(x.shape)
 
 
-def _anchor(features: int, lo: float, hi: float) -> Tensor:
-    row = torch.zeros(1, features)
-    row[0, 0], row[0, -1] = lo, hi
-    return row
-
-
 def _exact_int8_matmul(q: Tensor, packed, full_range: bool) -> Tensor:
     """w_scale · (q · W_int8ᵀ) for integer-valued q (rows, in) in [-128, 127], exactly.
 
-    The anchor row pins fbgemm's dynamic range to the grid, so its scale is 1 and every row's
-    integers pass through unchanged (see the module docstring)."""
-    rows, features = q.shape
-    if full_range:  # 8-bit grid: scale (127 + 128) / 255 = 1, zero point 128
-        stacked = torch.cat((q, _anchor(features, QMIN, QMAX)))
-        return torch.ops.quantized.linear_dynamic(stacked, packed, False)[:rows]
-    # 7-bit grid (reduce_range): u = q + 128 = 2·high + low with high - 64 in [-64, 63], low in
-    # {0, 1}; scale (63 + 64) / 127 = 1, zero point 64. q = 2·(high - 64) + low.
+    fbgemm is told the activation grid (scale 1, a fixed zero point) instead of choosing one
+    from the rows, so every row's integers pass through unchanged (see the module docstring)."""
+    linear = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32
+    if full_range:  # uint8 = q + 128
+        return linear(q, 1.0, -QMIN, packed)
+    # 7-bit activations (no VNNI): u = q + 128 = 2·high + low, sent as uint8 high and 64 + low
+    # (both ≤ 127) with zero point 64, so q = 2·(high - 64) + low.
+    rows = q.shape[0]
     u = q + 128
     high = torch.div(u, 2, rounding_mode="floor")
-    stacked = torch.cat((high - 64, u - 2 * high, _anchor(features, -64, 63)))
-    out = torch.ops.quantized.linear_dynamic(stacked, packed, True)
-    return 2 * out[:rows] + out[rows : 2 * rows]
+    out = linear(torch.cat((high - 64, u - 2 * high)), 1.0, 64, packed)
+    return 2 * out[:rows] + out[rows:]
 
 
 @functools.cache
