@@ -106,6 +106,16 @@ def _exact_int8_matmul(q: Tensor, packed, full_range: bool) -> Tensor:
     return 2 * out[:rows] + out[rows:]
 
 
+def _pack(q: Tensor, scale: Tensor):
+    """fbgemm's packed form of an int8 weight (out, in) with per-row scales (out,), no bias."""
+    with warnings.catch_warnings():  # quantized tensor dtypes are deprecated, fbgemm is not
+        warnings.simplefilter("ignore", UserWarning)
+        qw = torch._make_per_channel_quantized_tensor(
+            q.contiguous(), scale.double(), torch.zeros_like(scale, dtype=torch.long), 0
+        )
+    return torch.ops.quantized.linear_prepack(qw, None)
+
+
 @functools.cache
 def full_range_int8_exact() -> bool:
     """Whether fbgemm accumulates full-range uint8 × int8 products exactly on this CPU.
@@ -116,12 +126,7 @@ def full_range_int8_exact() -> bool:
         return False
     q = torch.full((4, 64), QMAX, dtype=torch.int8)
     q[1] = QMIN
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        qw = torch._make_per_channel_quantized_tensor(
-            q, torch.ones(4, dtype=torch.double), torch.zeros(4, dtype=torch.long), 0
-        )
-    packed = torch.ops.quantized.linear_prepack(qw, None)
+    packed = _pack(q, torch.ones(4))
     x = torch.full((2, 64), float(QMAX))
     x[1] = QMIN
     exact = x.double() @ q.double().T
@@ -172,12 +177,7 @@ class Int8Linear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach().float(), False)
         self._packed = None
         if fast and _select_engine():
-            with warnings.catch_warnings():  # quantized tensor dtypes are deprecated, fbgemm is not
-                warnings.simplefilter("ignore", UserWarning)
-                qw = torch._make_per_channel_quantized_tensor(
-                    q.contiguous(), scale.double(), torch.zeros_like(scale, dtype=torch.long), 0
-                )
-            self._packed = torch.ops.quantized.linear_prepack(qw, None)
+            self._packed = _pack(q, scale)
             self._full_range = full_range_int8_exact()
             # w_scale · Σ_k W_int8[j, k]: the zero point's share of each output, (out,)
             self.register_buffer("zero_point_weight", scale * q.float().sum(1), persistent=False)
