@@ -7,7 +7,6 @@ serving.json's limits, response_format against the constraints hook.
 
 from __future__ import annotations
 
-import dataclasses
 import secrets
 import time
 from dataclasses import dataclass
@@ -114,18 +113,12 @@ def _sampling(req, prompt_len: int, model: ServedModel, top_logprobs: int, logpr
     elif prompt_len + max_tokens > ctx:
         raise invalid(f"prompt ({prompt_len} tokens) + {param} ({max_tokens}) exceeds the "
                       f"context length {ctx}", param, "context_length_exceeded")  # fmt: skip
-    fields = {f.name for f in dataclasses.fields(SamplingParams)}
-    extra = {}
-    for name in PENALTIES:
-        value = getattr(req, name)
-        if name in fields:
-            extra[name] = value
-        elif value:  # TODO: pass through once the sampler implements penalties
-            raise invalid(f"{name} is not supported by this server yet; send 0", name)
+    extra = {name: getattr(req, name) for name in PENALTIES}
     try:
         return SamplingParams(max_tokens=max_tokens, temperature=req.temperature,
                               top_p=req.top_p, seed=req.seed, stop=req.stop_list(), n=req.n,
-                              logprobs=logprobs, top_logprobs=top_logprobs, **extra)  # fmt: skip
+                              logprobs=logprobs, top_logprobs=top_logprobs,
+                              ignore_eos=req.ignore_eos, **extra)  # fmt: skip
     except ValueError as e:
         raise invalid(str(e)) from e
 

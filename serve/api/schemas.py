@@ -78,6 +78,7 @@ class _Sampling(_Request):
     response_format: ResponseFormat | None = None
     user: str | None = None
     max_cost_usd: float | None = Field(None, gt=0)  # extension: per-request spending cap
+    ignore_eos: bool = False  # vLLM's extension: generate max_tokens even past end-of-sequence
 
     @field_validator("stop")
     @classmethod
