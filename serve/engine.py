@@ -66,6 +66,7 @@ class Engine:
         max_seqs: int = 64,
         eos_token_ids: Seq[int] | None = None,
         vision: Idefics3Vision | None = None,
+        background_tokens_per_step: int = 8,
     ):
         self.model, self.tokenizer, self.args = model, tokenizer, model.args
         self.vision = vision
@@ -74,7 +75,9 @@ class Engine:
         num_blocks = num_blocks or max(1, kv_memory_bytes // bytes_per_block)
         self.kv = KVPool(a, num_blocks * block_size, dtype=model.norm.dtype)
         self.pool = BlockPool(num_blocks, block_size)
-        self.scheduler = Scheduler(self.pool, max_tokens_per_step, max_seqs)
+        self.scheduler = Scheduler(
+            self.pool, max_tokens_per_step, max_seqs, background_tokens_per_step
+        )
         self.eos = set(a.eos_token_ids if eos_token_ids is None else eos_token_ids)
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
@@ -104,10 +107,12 @@ class Engine:
         token_mask: TokenMask | None = None,
         queue_size: int = 0,
         pixel_values: torch.Tensor | None = None,
+        priority: int = 0,
     ) -> Request:
         """Queue a request; read its outputs from `request.outputs` (bounded by `queue_size`,
         0 = unbounded; a full queue pauses only this request). Raises ValueError for a
-        request that is invalid or could never fit.
+        request that is invalid or could never fit. `priority`: 0 = interactive, higher runs
+        in the room the more urgent requests leave (see serve/scheduler.py).
 
         `pixel_values` [tiles, 3, S, S] (a VLM) fill the prompt's image placeholder tokens in
         order; unless `images` says otherwise, the block keys cover the tiles' bytes."""
@@ -149,6 +154,7 @@ class Engine:
                 rid, prompt, params, salt, tuple(images), token_mask, outputs, queue_size=queue_size
             )
             req.image_positions, req.image_embeds = image_positions, image_embeds
+            req.priority = priority
             base_seed = params.seed if params.seed is not None else secrets.randbits(62)
             for i in range(params.n):
                 gen = None

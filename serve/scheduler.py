@@ -7,6 +7,11 @@ stalls the decodes. Memory: a sequence is admitted only when the blocks it could
 (prompt + max_tokens, less the cached prefix it reuses) are available beyond what running
 sequences have reserved, so nothing is preempted mid-generation; a request that could never
 fit is rejected when it is added.
+
+Priority: every request has one (0 = interactive, higher = less urgent, e.g. batch lines).
+Work and admission go in priority order (then arrival), and while more urgent work exists
+the less urgent gets at most `background_tokens_per_step` tokens a step, so a large batch
+cannot slow an interactive stream by much: it runs in the spare room.
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ class Request:
     image_positions: torch.Tensor | None = None  # [P] prompt positions of image placeholders
     image_embeds: torch.Tensor | None = None  # [P, d] the embeddings that replace them
     queue_size: int = 0  # outputs the consumer may leave unread before the request pauses
+    priority: int = 0  # 0 = interactive; higher values run only in the room left over
     # Billing counts, once per request whatever n is (see `Engine.usage` for the invariants):
     cached_tokens: int = 0  # prompt tokens the first choice reused from the prefix cache
     created_blocks: set[int] = field(default_factory=set)  # prompt-only blocks newly cached
@@ -101,11 +107,21 @@ class Work:
 
 
 class Scheduler:
-    def __init__(self, pool: BlockPool, max_tokens_per_step: int = 512, max_seqs: int = 64):
+    def __init__(
+        self,
+        pool: BlockPool,
+        max_tokens_per_step: int = 512,
+        max_seqs: int = 64,
+        background_tokens_per_step: int = 8,
+    ):
         self.pool = pool
         self.block_size = pool.block_size
         self.max_tokens_per_step = max_tokens_per_step
         self.max_seqs = max_seqs
+        # Tokens a step that less urgent requests may use while more urgent ones exist: a
+        # decode step's cost grows with its rows, so this caps what a batch adds to an
+        # interactive stream's inter-token latency.
+        self.background_tokens_per_step = background_tokens_per_step
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
 
@@ -160,25 +176,39 @@ class Scheduler:
     def schedule(self) -> list[Work]:
         """This step's work, decodes first; empty when nothing can run."""
         budget = self.max_tokens_per_step
+        top = min((s.request.priority for s in (*self.running, *self.waiting)), default=0)
+        background = self.background_tokens_per_step
+
+        def take(seq: Sequence) -> int:
+            nonlocal budget, background
+            count = min(len(seq.tokens) - seq.num_computed, budget)
+            if seq.request.priority > top:
+                count = min(count, background)
+                background -= count
+            budget -= count
+            return count
+
         work: list[Work] = []
         decodes = [s for s in self.running if len(s.tokens) - s.num_computed == 1]
         prefills = [s for s in self.running if len(s.tokens) - s.num_computed > 1]
-        for seq in decodes + prefills:
+        # Stable sort: by priority, then decodes before prefills, then arrival order.
+        for seq in sorted(decodes + prefills, key=lambda s: s.request.priority):
             if budget == 0:
                 break
             if seq.request.paused:
                 continue
-            count = min(len(seq.tokens) - seq.num_computed, budget)
-            work.append(Work(seq, seq.num_computed, count))
-            budget -= count
+            if count := take(seq):
+                work.append(Work(seq, seq.num_computed, count))
+        waiting = sorted(self.waiting, key=lambda s: s.request.priority)
         while budget > 0 and len(self.running) < self.max_seqs:
-            seq = next((s for s in self.waiting if not self._deferred(s)), None)
-            if seq is None or not self._admit(seq):
+            seq = next((s for s in waiting if not self._deferred(s)), None)
+            if seq is None or (seq.request.priority > top and background == 0):
+                break
+            if not self._admit(seq):
                 break  # first come, first served: later requests wait behind it
             self.waiting.remove(seq)
-            count = min(len(seq.tokens) - seq.num_computed, budget)
-            work.append(Work(seq, seq.num_computed, count))
-            budget -= count
+            waiting.remove(seq)
+            work.append(Work(seq, seq.num_computed, take(seq)))
         for w in work:  # blocks for the tokens computed this step
             while len(w.seq.blocks) * self.block_size < w.start + w.count:
                 w.seq.blocks.append(self.pool.allocate())
