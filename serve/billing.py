@@ -8,6 +8,9 @@ into three parts billed at their own rates:
     creation (newly written to the cache)     at cache_creation_per_1m  (= input by default)
     completion                                at output_per_1m
 
+Batch lines pay every rate less `batch_discount` (serving.json, 0.5 by default): the cost
+carries `"discount"` and a total that is already discounted; the breakdown is at list price.
+
 The ledger is one SQLite file (WAL) with one row per finished request: key, model, times,
 token counts, cost and status. `spend(key_id)` is what GET /v1/usage returns.
 
@@ -99,9 +102,10 @@ class PriceList:
             spec = ServingSpec.from_dict(spec)
         return cls(spec.pricing)
 
-    def cost(self, usage: Usage | dict) -> dict:
+    def cost(self, usage: Usage | dict, discount: float = 0.0) -> dict:
         """`{"total": usd, "currency": "USD", "breakdown": {input, cache_read, cache_creation,
-        output}}` for a request's usage (a partial usage prices a stream so far)."""
+        output}}` for a request's usage (a partial usage prices a stream so far); with a
+        `discount` (a batch line) the total is reduced by that fraction and says so."""
         u, p = Usage.of(usage), self.pricing
         breakdown = {
             "input": u.uncached_tokens * p.input_per_1m / PER,
@@ -110,18 +114,24 @@ class PriceList:
             "output": u.completion_tokens * p.output_per_1m / PER,
         }
         breakdown = {k: round(v, 12) for k, v in breakdown.items()}
-        return {
-            "total": round(sum(breakdown.values()), 12),
+        cost = {
+            "total": round(sum(breakdown.values()) * (1 - discount), 12),
             "currency": "USD",
             "breakdown": breakdown,
         }
+        if discount:
+            cost["discount"] = discount
+        return cost
 
-    def worst_case(self, prompt_tokens: int, max_tokens: int, n: int = 1) -> float:
+    def worst_case(
+        self, prompt_tokens: int, max_tokens: int, n: int = 1, discount: float = 0.0
+    ) -> float:
         """The most a request can cost: its whole prompt uncached (at the dearer of the input
         and cache-creation rates) and all `n` choices running to `max_tokens`."""
         p = self.pricing
         prompt_rate = max(p.input_per_1m, p.cache_creation_per_1m)
-        return round((prompt_tokens * prompt_rate + n * max_tokens * p.output_per_1m) / PER, 12)
+        full = (prompt_tokens * prompt_rate + n * max_tokens * p.output_per_1m) / PER
+        return round(full * (1 - discount), 12)
 
 
 _SCHEMA = """
@@ -272,11 +282,11 @@ class Billing:
 
     def check(
         self, principal, model: str, prompt_tokens: int, max_tokens: int,
-        max_cost_usd: float | None = None,
+        max_cost_usd: float | None = None, discount: float = 0.0,
     ) -> None:  # fmt: skip
         """Before generation (`max_tokens` already × n): QuotaError (429 insufficient_quota)
         when the worst case exceeds `max_cost_usd` or the key's remaining budget."""
-        worst = self.prices.worst_case(prompt_tokens, max_tokens)
+        worst = self.prices.worst_case(prompt_tokens, max_tokens, discount=discount)
         if max_cost_usd is not None and worst > max_cost_usd:
             raise QuotaError(
                 f"this request may cost up to ${worst:.6f}, above its max_cost_usd "
@@ -286,24 +296,26 @@ class Billing:
         if getattr(principal, "budget_usd", None) is not None:
             check_budget(principal, worst, self)
 
-    def cost(self, usage: Usage | dict) -> dict:
-        return self.prices.cost(usage)
+    def cost(self, usage: Usage | dict, discount: float = 0.0) -> dict:
+        return self.prices.cost(usage, discount)
 
     def over_budget(
-        self, principal, usage: Usage | dict, max_cost_usd: float | None = None
-    ) -> bool:
+        self, principal, usage: Usage | dict, max_cost_usd: float | None = None,
+        discount: float = 0.0,
+    ) -> bool:  # fmt: skip
         """True once a running request has spent its `max_cost_usd` or the key's budget."""
-        spent = self.prices.cost(usage)["total"]
+        spent = self.prices.cost(usage, discount)["total"]
         if max_cost_usd is not None and spent >= max_cost_usd:
             return True
         budget = getattr(principal, "budget_usd", None)
         return budget is not None and spent >= budget - self.spent_usd(key_of(principal))
 
     def record(
-        self, principal, model: str, request_id: str, usage: Usage | dict, status: str
-    ) -> None:
+        self, principal, model: str, request_id: str, usage: Usage | dict, status: str,
+        discount: float = 0.0,
+    ) -> None:  # fmt: skip
         """One ledger row for a request the engine has let go of."""
-        key, cost = key_of(principal), self.prices.cost(usage)["total"]
+        key, cost = key_of(principal), self.prices.cost(usage, discount)["total"]
         self.ledger.record(key, model, usage, cost, status=status, request_id=request_id)
         with self._lock:
             if key in self._spent:

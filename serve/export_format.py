@@ -35,6 +35,7 @@ class Pricing:
     cache_read_per_1m: float | None = None
     cache_creation_per_1m: float | None = None
     currency: str = "USD"
+    batch_discount: float = 0.5  # fraction off every rate for /v1/batches and `distill batch` lines
 
     def __post_init__(self) -> None:
         if self.cache_read_per_1m is None:
@@ -45,6 +46,8 @@ class Pricing:
         for name in rates:
             if getattr(self, name) < 0:
                 raise ValueError(f"serving.json pricing.{name} must be >= 0")
+        if not 0 <= self.batch_discount < 1:
+            raise ValueError("serving.json pricing.batch_discount must be in [0, 1)")
 
 
 @dataclass
