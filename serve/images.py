@@ -9,7 +9,8 @@ the number of images per sample. Every failure is an `ImageError` naming the ima
 
 Patching (`split_image`, `preprocess`) follows transformers' Idefics3 image processor, with
 one change: a small image is never upscaled. With T = tile side (the vision encoder's
-`image_size`), M = `longest_edge` (default 4·T) and S = `<image>` tokens per tile
+`image_size`), M = `longest_edge` (default 4·T; at most 6·T, as Idefics3's tokenizers
+carry `<row_r_col_c>` markers up to 6×6) and S = `<image>` tokens per tile
 ((T / patch)² / scale_factor²):
 
 1. resize so the longer side is min(L, M), L the image's longer side (Idefics3's
@@ -52,6 +53,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
 _NAMES = {"PNG": "PNG", "JPEG": "JPEG", "WEBP": "WebP"}
 MAX_SIDE = 4096  # Idefics3's absolute cap on either side after the first resize
+MAX_GRID = 6  # <row_r_col_c> markers exist up to 6×6 in Idefics3's token set
 IMAGE_TOKEN = "<image>"
 FAKE_TOKEN = "<fake_token_around_image>"
 GLOBAL_TOKEN = "<global-img>"
@@ -242,9 +244,11 @@ class PatchConfig:
     def __post_init__(self) -> None:
         if self.tile_size <= 0 or self.tokens_per_tile <= 0:
             raise ValueError("tile_size and tokens_per_tile must be positive")
-        if self.longest_edge is not None and self.longest_edge < self.tile_size:
-            raise ValueError(f"longest_edge {self.longest_edge} is below the tile side "
-                             f"{self.tile_size}")  # fmt: skip
+        m, t = self.longest_edge, self.tile_size
+        if m is not None and not t <= m <= MAX_GRID * t:
+            raise ValueError(f"longest_edge {m} must be in [{t}, {MAX_GRID * t}] (tile side "
+                             f"{t}; Idefics3 tokenizers mark grids up to "
+                             f"{MAX_GRID}×{MAX_GRID} tiles)")  # fmt: skip
 
     @property
     def max_side(self) -> int:
@@ -259,7 +263,7 @@ class PatchConfig:
         return cls(
             tile_size=tile,
             tokens_per_tile=(tile // patch) ** 2 // s**2,
-            longest_edge=max(longest, tile) if longest else None,
+            longest_edge=min(max(longest, tile), MAX_GRID * tile) if longest else None,
             split=pre.get("do_image_splitting", True),
             mean=tuple(pre.get("image_mean", cls.mean)),
             std=tuple(pre.get("image_std", cls.std)),
@@ -348,7 +352,7 @@ def image_token_count(
     return rows * (cols * (tokens_per_tile + 2) + 1) + single + int(split_newlines)
 
 
-def image_special_tokens(max_grid: int = 6) -> list[str]:
+def image_special_tokens(max_grid: int = MAX_GRID) -> list[str]:
     """The tokens a tokenizer needs as special tokens for image prompts (Idefics3's set)."""
     rows = [f"<row_{r}_col_{c}>" for r in range(1, max_grid + 1) for c in range(1, max_grid + 1)]
     return [FAKE_TOKEN, IMAGE_TOKEN, GLOBAL_TOKEN, "<end_of_utterance>", *rows]
