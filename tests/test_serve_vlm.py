@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import re
+
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from transformers import Idefics3Config, Idefics3ForConditionalGeneration
 
 from serve.engine import Engine
+from serve.images import PatchConfig, expand_prompt, preprocess
 from serve.sampler import SamplingParams
 
 IMAGE_TOKEN = 300
@@ -61,6 +66,52 @@ def test_logits_with_images_match_transformers(vlm):
     with torch.no_grad():
         expected = ref.model.get_image_features(pixel_values=pixels[None]).pooler_output[0]
     assert (engine.vision(pixels).flatten(0, 1) - expected).abs().max() <= 1e-4
+
+
+def markup_ids(text: str) -> list[int]:
+    """A stand-in tokenizer for this 320-token model: Idefics3's image markup → ids 300+, a
+    newline → 10, other characters → their code point mod 290."""
+    special = {"<image>": IMAGE_TOKEN, "<fake_token_around_image>": 301, "<global-img>": 302}
+    special |= {f"<row_{r}_col_{c}>": 302 + 2 * (r - 1) + c for r in (1, 2) for c in (1, 2)}
+    ids = []
+    for piece in re.split(r"(<[^<>]+>)", text):
+        ids += [special[piece]] if piece in special else [ord(ch) % 290 for ch in piece]
+    return ids
+
+
+def test_multi_tile_and_two_images_match_transformers(vlm):
+    """A 150×100 image (2×2 grid + global view) and a 64×64 one (one view) in one prompt,
+    preprocessed by serve.images: greedy tokens, logprobs and top-3 equal transformers'."""
+    path, ref = vlm
+    engine = Engine.from_pretrained(path, num_blocks=64, block_size=8)
+    cfg = PatchConfig(tile_size=64, tokens_per_tile=PER_IMAGE, longest_edge=128)
+    rng = np.random.default_rng(3)
+    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+              for w, h in ((150, 100), (64, 64))]  # fmt: skip
+    patched = preprocess(images, cfg)
+    assert [(p.rows, p.cols, p.views) for p in patched] == [(2, 2, 5), (0, 0, 1)]
+    prompt = markup_ids(expand_prompt("User:<image>and<image>which?\nAssistant:", patched))
+    pixels = torch.cat([p.pixel_values for p in patched])  # [6, 3, 64, 64]
+    assert prompt.count(IMAGE_TOKEN) == 6 * PER_IMAGE
+    params = SamplingParams(max_tokens=6, temperature=0, logprobs=True, top_logprobs=3)
+    req = engine.add_request(prompt, params, pixel_values=pixels)
+    while engine.has_work():
+        engine.step()
+    (done,) = Engine.collect(req)
+    full = torch.tensor([prompt + done.token_ids])
+    with torch.no_grad():
+        logits = ref(input_ids=full, pixel_values=pixels[None]).logits[0]
+    logp = torch.log_softmax(logits[len(prompt) - 1 : -1], -1)
+    assert done.token_ids == logp.argmax(-1).tolist()
+    chosen = logp[torch.arange(6), torch.tensor(done.token_ids)]
+    assert (chosen - torch.tensor(done.logprobs)).abs().max() <= 1e-4
+    for step, tops in enumerate(done.top_logprobs):
+        ref_top = logp[step].topk(3)
+        assert [t for t, _ in tops] == ref_top.indices.tolist()
+        assert (
+            max(abs(lp - r) for (_, lp), r in zip(tops, ref_top.values.tolist(), strict=True))
+            <= 1e-4
+        )
 
 
 def test_image_bytes_are_part_of_the_prefix_cache_key(vlm):
