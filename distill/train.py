@@ -127,6 +127,10 @@ def compare(
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:
+    if cfg.get("pipeline") == "vlm":  # recipes/vlm-teacher.yaml, nano-vlm.yaml
+        from distill.vlm_train import run as run_vlm
+
+        return run_vlm(cfg, run_dir)
     check_recipe(cfg, "train")  # every knob, before the teacher loads
     start = time.perf_counter()
     run_dir.mkdir(parents=True, exist_ok=True)

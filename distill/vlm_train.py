@@ -1,0 +1,168 @@
+"""`python -m distill train recipe=vlm-teacher | nano-vlm`: the vision-language pipelines.
+
+vlm-teacher: build Idefics3 (packaged LM + fresh vision tower) → train on easy-VQA answers →
+model/ → VQA eval (the trained model, and the same model shown blank images) → report/.
+nano-vlm: find the teacher → prune vision tower + LM → KD on answer tokens → (int8) → eval →
+export. Both print their wall time and write metrics.json; stages whose output exists are
+skipped, and `resume=true` continues training from the last Lightning checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from distill.models.vlm import parameter_counts
+from distill.rundir import checkpoint_to_resume
+from distill.trackers import build_loggers
+
+log = logging.getLogger(__name__)
+
+# Parts of an Idefics3 model that `freeze` may name, as parameter-name prefixes.
+PARTS = {
+    "vision": ("model.vision_model.",),
+    "connector": ("model.connector.",),
+    "lm_embeddings": ("model.text_model.embed_tokens.", "lm_head."),
+    "lm_layers": ("model.text_model.layers.",),
+    "lm_norm": ("model.text_model.norm.",),
+}
+PARTS["lm"] = PARTS["lm_embeddings"] + PARTS["lm_layers"] + PARTS["lm_norm"]
+
+
+def freeze_parts(model: torch.nn.Module, parts: list[str]) -> dict[str, int]:
+    """requires_grad=False on the named parts; returns trainable / frozen parameter counts."""
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown:
+        raise ValueError(f"freeze: unknown part(s) {unknown}; choose from {sorted(PARTS)}")
+    prefixes = tuple(p for part in parts for p in PARTS[part])
+    model.requires_grad_(True)
+    for name, param in model.named_parameters():
+        if name.startswith(prefixes):
+            param.requires_grad_(False)
+    unique = {id(p): p for p in model.parameters()}.values()
+    trainable = sum(p.numel() for p in unique if p.requires_grad)
+    return {"trainable": trainable, "frozen": sum(p.numel() for p in unique) - trainable}
+
+
+def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
+    checkpoint = L.pytorch.callbacks.ModelCheckpoint(
+        dirpath=run_dir / "checkpoints",
+        save_last=True,
+        save_top_k=0,
+        every_n_train_steps=cfg.checkpoint_every_n_steps,
+    )
+    callbacks = [checkpoint]
+    loggers = build_loggers(cfg.logger, run_dir)
+    if loggers:
+        callbacks.append(L.pytorch.callbacks.LearningRateMonitor(logging_interval="step"))
+    return instantiate(
+        cfg.trainer, default_root_dir=str(run_dir), logger=loggers or False, callbacks=callbacks
+    )
+
+
+def train_stage(cfg, model, processor, run_dir: Path, out_dir: Path, teacher=None, **module_kw):
+    """Fit `model` on easy-VQA (CE, or KD from `teacher`); saves it with its processor."""
+    from distill.vlm_module import VQAModule
+
+    if (out_dir / "config.json").exists() and not cfg.force:
+        log.info("train: %s exists, skipping (force=true reruns)", out_dir)
+        return type(model).from_pretrained(out_dir)
+    counts = freeze_parts(model, list(cfg.freeze))
+    log.info("train: freeze %s → %s", list(cfg.freeze), counts)
+    data = instantiate(cfg.data, processor=processor, seed=cfg.seed)
+    module = VQAModule(model, instantiate(cfg.loss), teacher=teacher, **cfg.optim, **module_kw)
+    trainer = build_trainer(cfg, run_dir)
+    trainer.fit(module, datamodule=data, ckpt_path=checkpoint_to_resume(run_dir, cfg.resume))
+    model.requires_grad_(True)
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    return model
+
+
+def vqa_eval(cfg, models: dict, processor, blank: tuple[str, ...] = ()) -> tuple[dict, list]:
+    """Per-type accuracy of each model on the fixed test sample (and of `blank` models shown
+    white images, as '<name> (blank image)'), with a few examples."""
+    from eval.vqa import accuracy_by_type, answer_questions, easy_vqa_items
+
+    e = cfg.eval
+    items = easy_vqa_items(e.questions, e.seed)
+    answers, results = {}, {}
+    runs = [(n, m, False) for n, m in models.items()]
+    runs += [(f"{n} (blank image)", models[n], True) for n in blank]
+    for name, model, blank_image in runs:
+        t = time.perf_counter()
+        model.eval()
+        answers[name] = answer_questions(
+            model,
+            processor,
+            items,
+            max_new_tokens=e.max_new_tokens,
+            instruction=cfg.data.instruction,
+            batch_size=e.batch_size,
+            blank=blank_image,
+            progress=True,
+        )
+        results[name] = accuracy_by_type(answers[name], items)
+        results[name]["seconds"] = time.perf_counter() - t
+        log.info("vqa %s: %s", name, results[name]["overall"])
+    examples = [
+        {"image": str(i.image), "question": i.question, "answer": i.answer}
+        | {n: answers[n][k] for n in answers}
+        for k, i in enumerate(items[: e.examples])
+    ]
+    return results, examples
+
+
+def write_summary(run_dir: Path, summary: dict, start: float) -> dict:
+    summary["wall_seconds"] = time.perf_counter() - start
+    (run_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
+    print(json.dumps({k: v for k, v in summary.items() if k != "examples"}, indent=2))
+    print(f"wall time: {summary['wall_seconds'] / 60:.1f} min ({run_dir})")
+    return summary
+
+
+def run_teacher(cfg: DictConfig, run_dir: Path) -> dict:
+    """The vlm-teacher recipe (module doc)."""
+    from distill.models.vlm import build_vlm
+    from eval.vqa_report import write_vqa_report
+
+    start = time.perf_counter()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    L.seed_everything(cfg.seed, workers=True)
+    t = cfg.teacher
+    model, processor = build_vlm(
+        t.lm, OmegaConf.to_container(t.vision), t.scale_factor, cfg.seed, t.dtype
+    )
+    stages = {"setup": time.perf_counter() - start}
+    s = time.perf_counter()
+    model = train_stage(cfg, model, processor, run_dir, run_dir / "model")
+    stages["train"] = time.perf_counter() - s
+    s = time.perf_counter()
+    name = "blind" if cfg.data.get("blank_images") else "teacher"
+    results, examples = vqa_eval(cfg, {name: model}, processor, blank=(name,))
+    stages["eval"] = time.perf_counter() - s
+    summary = {
+        "run_dir": str(run_dir),
+        "parameters": {name: parameter_counts(model)},
+        "vqa": results,
+        "stage_seconds": stages,
+        "examples": examples,
+    }
+    write_vqa_report(summary, run_dir / "report")
+    return write_summary(run_dir, summary, start)
+
+
+def run(cfg: DictConfig, run_dir: Path) -> dict:
+    if cfg.recipe_name == "nano-vlm" or cfg.get("student") is not None:
+        from distill.vlm_student import run_student
+
+        return run_student(cfg, run_dir)
+    return run_teacher(cfg, run_dir)
