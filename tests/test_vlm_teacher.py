@@ -97,6 +97,21 @@ def test_training_rows_supervise_only_the_answer(tiny_vlm):
     assert out.logits.shape[:2] == batch["input_ids"].shape
 
 
+def test_training_prompts_and_pixels_equal_the_hf_processor(tiny_vlm):
+    """The data path (serve.images) and transformers' Idefics3 processor agree exactly."""
+    from distill.data.vqa import PromptCache, load_rgb, pixel_values
+
+    _, processor = tiny_vlm
+    prompts = PromptCache(processor)
+    items = easy_vqa_split("train")[:3]
+    images = [load_rgb(i.image) for i in items]
+    ours = pixel_values(processor, images)
+    for item, image, tile in zip(items, images, ours, strict=True):
+        ref = processor(text=prompts.prompt(item.question), images=[image], return_tensors="pt")
+        assert ref["input_ids"][0].tolist() == prompts(item.question)
+        assert (ref["pixel_values"][0, 0] - tile).abs().max() <= 1e-6
+
+
 def test_validation_images_are_never_trained_on(tiny_vlm):
     _, processor = tiny_vlm
     data = VQADataModule(processor, validation_images=10, max_validation_questions=None)

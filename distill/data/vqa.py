@@ -75,19 +75,36 @@ def vqa_messages(question: str, instruction: str = "") -> list[dict]:
 
 
 def load_rgb(path: Path):
-    """The image at `path` as upright RGB, decoded by serve/images.py (the one image module;
-    this is the only place the training side opens an image file)."""
+    """The image at `path` as upright RGB (serve.images: the one decoder, limits included)."""
     from serve.images import load_image
 
     return load_image(path)
 
 
+def patch_config(processor):
+    """serve.images' patching for an Idefics3 processor's settings."""
+    from serve.images import PatchConfig
+
+    ip = processor.image_processor
+    return PatchConfig(
+        tile_size=ip.max_image_size["longest_edge"],
+        tokens_per_tile=processor.image_seq_len,
+        longest_edge=ip.size["longest_edge"],
+        split=bool(ip.do_image_splitting),
+        mean=tuple(ip.image_mean),
+        std=tuple(ip.image_std),
+    )
+
+
 def pixel_values(processor, images: list) -> torch.Tensor:
-    """[N, 3, S, S] processor-normalised tiles, one per (single-tile) image."""
-    out = processor.image_processor([[im] for im in images], return_tensors="pt")["pixel_values"]
-    if out.shape[1] != 1:
-        raise ValueError(f"expected one tile per image, the processor made {out.shape[1]}")
-    return out[:, 0]  # [N, 1 tile, 3, S, S] → [N, 3, S, S]
+    """[N, 3, T, T] normalised tiles, one per image (the recipes use one view per image)."""
+    from serve.images import preprocess
+
+    patched = preprocess(images, patch_config(processor))
+    views = {p.views for p in patched}
+    if views != {1}:
+        raise ValueError(f"expected one view per image, patching made {sorted(views)}")
+    return torch.cat([p.pixel_values for p in patched])
 
 
 def blank_image(size: int):
@@ -101,10 +118,12 @@ class PromptCache:
     """Token ids of the prompt for each distinct question (easy-VQA has about a hundred)."""
 
     def __init__(self, processor, instruction: str = ""):
+        from serve.images import preprocess
+
         self.processor, self.instruction = processor, instruction
         self._ids: dict[str, list[int]] = {}
         size = processor.image_processor.size["longest_edge"]
-        self._dummy = blank_image(size)
+        self._patched = preprocess([blank_image(size)], patch_config(processor))
 
     def prompt(self, question: str) -> str:
         return self.processor.apply_chat_template(
@@ -112,9 +131,11 @@ class PromptCache:
         )
 
     def __call__(self, question: str) -> list[int]:
+        from serve.images import expand_prompt
+
         if question not in self._ids:
-            enc = self.processor(text=self.prompt(question), images=[self._dummy])
-            self._ids[question] = list(enc["input_ids"][0])
+            text = expand_prompt(self.prompt(question), self._patched)
+            self._ids[question] = self.processor.tokenizer(text)["input_ids"]
         return self._ids[question]
 
 

@@ -17,10 +17,6 @@ from distill.models.loading import count_parameters, load_causal_lm, load_tokeni
 
 log = logging.getLogger(__name__)
 
-# Idefics3's special tokens, plus the row/column markers its image splitting emits.
-IMAGE_TOKENS = ["<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>"]
-GRID_TOKENS = [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)]
-
 # ChatML (SmolLM2's turn format) without SmolLM2's default system prompt: 20 tokens a sample
 # saved. Image items become `<image>`, which the processor expands into the image's tokens.
 CHAT_TEMPLATE = (
@@ -43,7 +39,9 @@ def vlm_processor(tokenizer, image_size: int, patch_size: int, scale_factor: int
     the longer side is `image_size`, one tile (no splitting) → image_seq_len tokens each."""
     from transformers import Idefics3ImageProcessor, Idefics3Processor
 
-    missing = [t for t in IMAGE_TOKENS + GRID_TOKENS if t not in tokenizer.get_vocab()]
+    from serve.images import image_special_tokens
+
+    missing = [t for t in image_special_tokens() if t not in tokenizer.get_vocab()]
     if missing:
         tokenizer.add_special_tokens({"additional_special_tokens": missing})
     images = Idefics3ImageProcessor(
