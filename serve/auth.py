@@ -131,6 +131,10 @@ class KeyStore:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def principal(self, name: str) -> Principal | None:
+        """The principal named `name` (a batch resumed after a restart runs as its owner)."""
+        return next((e.principal for e in self._entries if e.principal.name == name), None)
+
     def authenticate(self, authorization) -> Principal:
         """The principal for an `Authorization: Bearer <key>` header value, or for a request
         object carrying `.headers` (the API's auth hook); AuthError otherwise."""

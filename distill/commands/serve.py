@@ -5,8 +5,9 @@ The OpenAI-compatible server (serve/api) on uvicorn. Without `model=`, it serves
 assets home). Imports only `serve` and the web stack — never the training side.
 
 Other keys: keys=<keys file> (API keys; without it the server binds to loopback only),
-ledger=<usage ledger path>, kv_memory_mb=<int>, max_seqs=<int>, max_tokens_per_step=<int>,
-log_level=<info|debug|…>. keys/ledger are read by serve.auth / serve.billing through their
+ledger=<usage ledger path>, data_dir=<files and batches dir, default next to the ledger>,
+batch_concurrency=<lines in flight per batch>, kv_memory_mb=<int>, max_seqs=<int>,
+max_tokens_per_step=<int>, log_level=<info|debug|…>. keys/ledger are read by serve.auth / serve.billing through their
 `for_server(model, args)` (see load_hooks).
 On SIGTERM/SIGINT it stops admitting, aborts running requests and flushes the ledger.
 """
@@ -28,8 +29,8 @@ from serve.api import ServedModel, create_app
 
 log = logging.getLogger(__name__)
 
-ARGS = ("model", "host", "port", "keys", "ledger", "kv_memory_mb", "max_seqs",
-        "max_tokens_per_step", "log_level")  # fmt: skip
+ARGS = ("model", "host", "port", "keys", "ledger", "data_dir", "batch_concurrency",
+        "kv_memory_mb", "max_seqs", "max_tokens_per_step", "log_level")  # fmt: skip
 HOOK_MODULES = {
     "auth": "serve.auth",
     "billing": "serve.billing",
@@ -136,7 +137,7 @@ def main(argv: list[str]) -> int:
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"serve: {e}") from e
     hooks = load_hooks(model, args)
-    app = create_app(model, **hooks)
+    app = create_app(model, **hooks, batches=batch_service(args))
 
     keys = f"keys from {args['keys']}" if args.get("keys") else "no keys (open, loopback only)"
     print(f"model: {model.name} ({model.path}, {model.spec.quantization})", flush=True)
@@ -146,6 +147,16 @@ def main(argv: list[str]) -> int:
                             timeout_graceful_shutdown=30)  # fmt: skip
     DrainingServer(config, app.state.server).run()
     return 0
+
+
+def batch_service(args: dict[str, str]):
+    """/v1/files and /v1/batches, stored under `data_dir=` (default: `batches/` beside the
+    usage ledger under the assets home)."""
+    from serve.batch import BatchService
+    from serve.billing import default_ledger_path
+
+    data_dir = Path(args.get("data_dir") or default_ledger_path().parent / "batches")
+    return BatchService(data_dir.expanduser(), concurrency=_int(args, "batch_concurrency", 32))
 
 
 class DrainingServer(uvicorn.Server):

@@ -63,10 +63,12 @@ class ServerState:
 
 
 class _Door:
-    """Pure ASGI middleware: refuse oversized bodies, count responses by route and status."""
+    """Pure ASGI middleware: refuse oversized bodies, count responses by route and status.
+    `uploads`: a larger limit for one path (file uploads)."""
 
-    def __init__(self, app, metrics: Metrics, max_body: int):
+    def __init__(self, app, metrics: Metrics, max_body: int, uploads: dict[str, int] | None = None):
         self.app, self.metrics, self.max_body = app, metrics, max_body
+        self.uploads = uploads or {}
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -74,8 +76,9 @@ class _Door:
         route = scope.get("path", "")
         headers = dict(scope.get("headers") or [])
         length = headers.get(b"content-length", b"0")
-        if length.isdigit() and int(length) > self.max_body:
-            err = APIError(413, f"request body over {self.max_body} bytes", code="body_too_large")
+        limit = self.uploads.get(route, self.max_body)
+        if length.isdigit() and int(length) > limit:
+            err = APIError(413, f"request body over {limit} bytes", code="body_too_large")
             self.metrics.requests.labels(route, "413").inc()
             return await err.response()(scope, receive, send)
 
@@ -93,6 +96,7 @@ def create_app(
     auth=None,
     billing=None,
     constraints=None,
+    batches=None,
     routers: Sequence[APIRouter] = (),
     queue_size: int = QUEUE_SIZE,
     max_body_bytes: int = MAX_BODY_BYTES,
@@ -101,9 +105,10 @@ def create_app(
     """The OpenAI-compatible app serving `model` (a loaded ServedModel or an export dir).
 
     `auth`, `billing`, `constraints`: optional hooks, see serve/api/hooks.py. `routers`: more
-    endpoints (e.g. /v1/usage, /v1/files, /v1/batches), as is a hook's own `.router`; their
-    handlers find the ServerState at `request.app.state.server` and may depend on
-    `serve.api.routes.Principal` for the caller."""
+    endpoints (e.g. /v1/usage), as is a hook's own `.router`; their handlers find the
+    ServerState at `request.app.state.server` and may depend on `serve.api.routes.Principal`
+    for the caller. `batches`: a serve.batch.BatchService (/v1/files, /v1/batches), started
+    after the engine thread and stopped before it."""
     if not isinstance(model, ServedModel):
         model = ServedModel.load(model, **engine_kwargs)
     metrics = Metrics(model.engine)
@@ -114,10 +119,14 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         runner.start()
+        if batches is not None:
+            await batches.start(state)
         log.info("serving %s from %s", model.name, model.path)
         try:
             yield
         finally:
+            if batches is not None:  # first: lines in flight stay pending, never half-written
+                await batches.stop()
             await state.shutdown()
             flush = getattr(billing, "close", None)
             if flush is not None:
@@ -127,8 +136,9 @@ def create_app(
     app.state.server = state
     install_error_handlers(app)
     app.include_router(router)
-    hook_routers = [getattr(h, "router", None) for h in (auth, billing, constraints)]
+    hook_routers = [getattr(h, "router", None) for h in (auth, billing, constraints, batches)]
     for extra in [*routers, *(r for r in hook_routers if r is not None)]:
         app.include_router(extra)
-    app.add_middleware(_Door, metrics=metrics, max_body=max_body_bytes)
+    uploads = {"/v1/files": batches.max_file_bytes + (64 << 10)} if batches is not None else {}
+    app.add_middleware(_Door, metrics=metrics, max_body=max_body_bytes, uploads=uploads)
     return app

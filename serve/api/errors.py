@@ -13,6 +13,7 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger(__name__)
@@ -74,8 +75,9 @@ def invalid(message: str, param: str | None = None, code: str | None = None) -> 
     return APIError(400, message, param=param, code=code)
 
 
-def _validation_error(exc: RequestValidationError) -> APIError:
-    """The first pydantic error, with its field path as `param`."""
+def validation_error(exc: RequestValidationError | ValidationError) -> APIError:
+    """The first pydantic error, with its field path as `param` (a request body, or a batch
+    line's body validated by the same model)."""
     errors = exc.errors()
     if not errors:
         return invalid("invalid request")
@@ -101,8 +103,8 @@ def install_error_handlers(app: FastAPI) -> None:
         return exc.response()
 
     @app.exception_handler(RequestValidationError)
-    async def validation_error(_: Request, exc: RequestValidationError):
-        return _validation_error(exc).response()
+    async def request_validation_error(_: Request, exc: RequestValidationError):
+        return validation_error(exc).response()
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException):

@@ -27,8 +27,13 @@ class ChoiceUpdate:
 
 
 class Generation:
-    def __init__(self, job: Prepared, state):
+    def __init__(self, job: Prepared, state, billing=None, priority: int = 0):
+        """`billing`: the hook to price and record this request (default the server's; a
+        batch line passes one that applies the batch discount). `priority`: the scheduler's
+        (0 interactive, batch lines higher)."""
         self.job, self.state = job, state
+        self.billing = state.billing if billing is None else billing
+        self.priority = priority
         self.stream = None
         self.finish: list[str | None] = [None] * job.params.n
         self.completion_tokens = 0
@@ -50,6 +55,9 @@ class Generation:
             salt=job.salt,
             token_mask=job.token_mask,
             queue_size=state.queue_size * job.params.n,
+            images=job.images,
+            pixel_values=job.pixel_values,
+            priority=self.priority,
         )
         state.metrics.running.inc()
 
@@ -90,7 +98,7 @@ class Generation:
         )
 
     async def _over_budget(self) -> bool:
-        billing = self.state.billing
+        billing = self.billing
         if billing is None or not hasattr(billing, "over_budget"):
             return False
         return bool(await call(billing, "over_budget", self.job.principal, self.usage(),
@@ -109,7 +117,7 @@ class Generation:
             "cached_tokens": getattr(req, "cached_tokens", 0),
         }
         usage = Usage.from_engine(raw).to_dict()
-        billing = self.state.billing
+        billing = self.billing
         if billing is not None and hasattr(billing, "cost"):
             cost = billing.cost(usage)
             if cost is not None:
@@ -142,5 +150,5 @@ class Generation:
         state = self.state
         state.metrics.running.dec()
         state.metrics.finished(self.job.id, self.job.params.n, usage)
-        await call(state.billing, "record", self.job.principal, self.job.model, self.job.id, usage,
+        await call(self.billing, "record", self.job.principal, self.job.model, self.job.id, usage,
                    status)  # fmt: skip
