@@ -58,6 +58,9 @@ class Limits:
     max_concurrent_requests: int = 16
     max_batch_size: int = 8
     requests_per_minute: int = 600
+    max_images: int = 8  # images per request (a VLM; a text model refuses any)
+    max_image_bytes: int = 5 << 20  # encoded bytes per image (base64 decoded)
+    max_image_pixels: int = 4096 * 4096  # width × height per image, checked before decoding
 
     def __post_init__(self) -> None:
         for name, value in asdict(self).items():

@@ -220,7 +220,8 @@ def decode_data_url(url: str, position: int = 1, limits: ImageLimits | None = No
         raise ImageError(position, f"unsupported image type '{mime}': send PNG, JPEG or WebP")
     body = url[m.end() :]
     if len(body) > 4 * (limits.max_bytes // 3 + 1) + 4:
-        raise ImageError(position, f"over the limit of {limits.max_bytes} bytes")
+        raise ImageError(position, f"about {len(body) * 3 // 4} bytes is over the limit of "
+                         f"{limits.max_bytes}")  # fmt: skip
     try:
         return base64.b64decode(body, validate=True)
     except (binascii.Error, ValueError) as e:

@@ -11,6 +11,7 @@ from pathlib import Path
 from serve.chat_template import ChatTemplate
 from serve.engine import Engine
 from serve.export_format import ServingSpec, read_export
+from serve.images import PatchConfig
 
 
 @lru_cache(maxsize=1)
@@ -78,6 +79,7 @@ class ServedModel:
     token_text: TokenText | None
     created: int = 0
     engine_kwargs: dict = field(default_factory=dict)
+    patching: PatchConfig | None = None  # how images become tiles (None: no vision tower)
 
     @property
     def name(self) -> str:
@@ -106,6 +108,7 @@ class ServedModel:
             token_text=TokenText(engine.tokenizer),
             created=int((export.path / "serving.json").stat().st_mtime),
             engine_kwargs=engine_kwargs,
+            patching=PatchConfig.from_model_dir(export.path) if engine.vision else None,
         )
 
     def encode(self, text: str, add_special_tokens: bool) -> list[int]:

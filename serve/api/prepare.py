@@ -7,6 +7,7 @@ serving.json's limits, response_format against the constraints hook.
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import time
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from serve.api.errors import APIError, invalid
 from serve.api.hooks import call
 from serve.api.model import ServedModel
 from serve.api.schemas import ChatCompletionRequest, CompletionRequest
+from serve.api.vision import chat_images, image_params
 from serve.chat_template import ChatTemplateError
 from serve.sampler import SamplingParams
 
@@ -36,6 +38,8 @@ class Prepared:
     max_cost_usd: float | None = None
     token_mask: Any = None
     principal: Any = None  # what auth returned: a name, or an object with .name/.cache_salt
+    images: tuple = ()  # ImageSpans: each image's placeholder tokens and pixel hash
+    pixel_values: Any = None  # [views, 3, T, T] for the vision tower
 
     @property
     def tenant(self) -> str:
@@ -65,7 +69,7 @@ def _chat_prompt(req: ChatCompletionRequest, model: ServedModel) -> list[int]:
     messages = []
     for i, m in enumerate(req.messages):
         if isinstance(m.content, list):
-            other = sorted({p.type for p in m.content if p.type != "text"})
+            other = sorted({p.type for p in m.content if p.type not in ("text", "image_url")})
             if other:
                 raise invalid(f"messages[{i}]: content parts of type {other} are not supported "
                               "by this model; send text", f"messages.{i}.content")  # fmt: skip
@@ -143,11 +147,15 @@ async def _token_mask(req, model: ServedModel, constraints):
 async def prepare(req, model: ServedModel, constraints=None) -> Prepared:
     """Check `req` (a ChatCompletionRequest or CompletionRequest) against the served model."""
     _check_model(req.model, model)
+    images = None
     if isinstance(req, ChatCompletionRequest):
         kind, prefix = "chat", "chatcmpl"
         if req.top_logprobs and not req.logprobs:
             raise invalid("top_logprobs needs logprobs: true", "top_logprobs")
-        prompt = _chat_prompt(req, model)
+        prompt = _chat_prompt(req, model)  # also refuses part types other than text/image
+        if image_params(req):  # decoding and tiling are CPU work: off the event loop
+            images = await asyncio.to_thread(chat_images, req, model)
+            prompt = images.prompt_ids
         logprobs, top = req.logprobs, req.top_logprobs or 0
     else:
         assert isinstance(req, CompletionRequest)
@@ -172,4 +180,6 @@ async def prepare(req, model: ServedModel, constraints=None) -> Prepared:
         continuous_usage=bool(opts and opts.continuous_usage_stats),
         max_cost_usd=req.max_cost_usd,
         token_mask=await _token_mask(req, model, constraints),
+        images=tuple(images.spans) if images else (),
+        pixel_values=images.pixel_values if images else None,
     )

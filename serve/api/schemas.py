@@ -38,13 +38,19 @@ class ResponseFormat(_Request):
     json_schema: JSONSchemaSpec | None = None
 
 
+class ImageURL(_Request):
+    url: str  # a data:image/png|jpeg|webp;base64,… URL
+    detail: Literal["auto", "low", "high"] | None = None  # accepted; tiling follows the image
+
+
 class ContentPart(_Request):
-    """A text part; other part types (image_url, input_audio, …) are kept for the route to
+    """A text or image_url part; other part types (input_audio, …) are kept for the route to
     accept or refuse."""
 
     model_config = ConfigDict(extra="allow", strict=True)
     type: str
     text: str | None = None
+    image_url: ImageURL | None = None
 
 
 class ChatMessage(_Request):
