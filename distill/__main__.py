@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "HF dir + serving.json (quant=none|int8: compressed-tensors INT8)",
     ),
     "serve": ("distill.commands.serve", "main", "OpenAI-compatible server for an export dir"),
+    "batch": ("distill.commands.batch", "main", "run an OpenAI batch file offline (resumable)"),
 }
 
 
@@ -44,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"unknown command '{name}'\n\n{usage()}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from distill.quiet import quiet_third_party
+
+    quiet_third_party()
     module, func, _ = COMMANDS[name]
     sys.argv = [f"distill {name}", *rest]  # Hydra reads sys.argv
     try:
