@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import base64
 import io
+import re
 import struct
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -157,3 +159,13 @@ def test_data_urls():
         decode_data_url("https://example.com/cat.png")
     with pytest.raises(ImageError, match="bytes is over the limit of 10$"):
         decode_data_url(url, limits=ImageLimits(max_bytes=10))
+
+
+def test_one_image_decoder_in_the_project():
+    """distill/, eval/ and serve/ open images only through serve/images.py (no second copy)."""
+    root = Path(__file__).resolve().parents[1]
+    decoders = re.compile(r"Image\.open\(|exif_transpose\(|Image\.MAX_IMAGE_PIXELS")
+    offenders = [str(p.relative_to(root)) for pkg in ("distill", "eval", "serve")
+                 for p in sorted((root / pkg).rglob("*.py"))
+                 if p != root / "serve" / "images.py" and decoders.search(p.read_text())]  # fmt: skip
+    assert offenders == []
