@@ -19,7 +19,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from distill.models.vlm import parameter_counts
+from distill.models.vlm import parameter_counts, save_processor
 from distill.rundir import checkpoint_to_resume
 from distill.trackers import build_loggers
 
@@ -67,11 +67,13 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
     )
 
 
-def train_stage(cfg, model, processor, run_dir: Path, out_dir: Path, teacher=None, **module_kw):
+def train_stage(
+    cfg, model, processor, run_dir: Path, out_dir: Path, teacher=None, save=True, **module_kw
+):
     """Fit `model` on easy-VQA (CE, or KD from `teacher`); saves it with its processor."""
     from distill.vlm_module import VQAModule
 
-    if (out_dir / "config.json").exists() and not cfg.force:
+    if save and (out_dir / "config.json").exists() and not cfg.force:
         log.info("train: %s exists, skipping (force=true reruns)", out_dir)
         return type(model).from_pretrained(out_dir)
     counts = freeze_parts(model, list(cfg.freeze))
@@ -81,8 +83,9 @@ def train_stage(cfg, model, processor, run_dir: Path, out_dir: Path, teacher=Non
     trainer = build_trainer(cfg, run_dir)
     trainer.fit(module, datamodule=data, ckpt_path=checkpoint_to_resume(run_dir, cfg.resume))
     model.requires_grad_(True)
-    model.save_pretrained(out_dir)
-    processor.save_pretrained(out_dir)
+    if save:
+        model.save_pretrained(out_dir)
+        save_processor(processor, out_dir)
     return model
 
 
@@ -96,19 +99,21 @@ def vqa_eval(cfg, models: dict, processor, blank: tuple[str, ...] = ()) -> tuple
     answers, results = {}, {}
     runs = [(n, m, False) for n, m in models.items()]
     runs += [(f"{n} (blank image)", models[n], True) for n in blank]
+    bf16 = str(cfg.trainer.precision).startswith("bf16")  # eval in the precision trained in
     for name, model, blank_image in runs:
         t = time.perf_counter()
         model.eval()
-        answers[name] = answer_questions(
-            model,
-            processor,
-            items,
-            max_new_tokens=e.max_new_tokens,
-            instruction=cfg.data.instruction,
-            batch_size=e.batch_size,
-            blank=blank_image,
-            progress=True,
-        )
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            answers[name] = answer_questions(
+                model,
+                processor,
+                items,
+                max_new_tokens=e.max_new_tokens,
+                instruction=cfg.data.instruction,
+                batch_size=e.batch_size,
+                blank=blank_image,
+                progress=True,
+            )
         results[name] = accuracy_by_type(answers[name], items)
         results[name]["seconds"] = time.perf_counter() - t
         log.info("vqa %s: %s", name, results[name]["overall"])

@@ -181,5 +181,5 @@ def retention(teacher: dict[str, dict], student: dict[str, dict]) -> dict[str, f
     return {
         k: (student[k]["accuracy"] / teacher[k]["accuracy"] if teacher[k]["accuracy"] else None)
         for k in teacher
-        if k in student
+        if isinstance(teacher[k], dict) and k in student
     }

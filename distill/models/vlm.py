@@ -97,6 +97,13 @@ def build_vlm(
     return model, processor
 
 
+def save_processor(processor, out_dir) -> None:
+    """The processor, plus the image processor's own preprocessor_config.json (transformers 5
+    folds it into processor_config.json; serve.images and the export read the separate file)."""
+    processor.save_pretrained(out_dir)
+    processor.image_processor.save_pretrained(out_dir)
+
+
 def parameter_counts(model: nn.Module) -> dict[str, int]:
     """Unique parameters of the vision tower, connector, language model (with its head) and
     the whole model."""

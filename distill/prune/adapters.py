@@ -64,10 +64,46 @@ class DecoderAdapter:
         return self.global_roles.get(name)
 
 
+# Idefics3's SigLIP-style vision encoder: the same block roles under other names, with biases,
+# LayerNorm (weight + bias) and no GQA (every head its own K/V). Its attention width is tied to
+# the residual width (head_dim = hidden_size / heads), so a width-pruned tower drops whole heads
+# and keeps hidden_size = heads × head_dim.
+SIGLIP_LAYER_ROLES: dict[str, tuple[Role, ...]] = {
+    **{f"self_attn.{x}_proj.weight": ("kv" if x in "kv" else "q", "hidden") for x in "qkv"},
+    **{f"self_attn.{x}_proj.bias": ("kv" if x in "kv" else "q",) for x in "qkv"},
+    "self_attn.out_proj.weight": ("hidden", "q"),
+    "self_attn.out_proj.bias": ("hidden",),
+    "mlp.fc1.weight": ("ffn", "hidden"),
+    "mlp.fc1.bias": ("ffn",),
+    "mlp.fc2.weight": ("hidden", "ffn"),
+    "mlp.fc2.bias": ("hidden",),
+    **{f"layer_norm{i}.{k}": ("hidden",) for i in (1, 2) for k in ("weight", "bias")},
+}
+SIGLIP_GLOBAL_ROLES: dict[str, tuple[Role, ...]] = {
+    "embeddings.patch_embedding.weight": ("hidden", None, None, None),
+    "embeddings.patch_embedding.bias": ("hidden",),
+    "embeddings.position_embedding.weight": (None, "hidden"),
+    "post_layernorm.weight": ("hidden",),
+    "post_layernorm.bias": ("hidden",),
+}
+
 ADAPTERS: dict[str, DecoderAdapter] = {
     "llama": DecoderAdapter(),
     "qwen2": DecoderAdapter(),
     "mistral": DecoderAdapter(),
+    # the vision tower alone (model.model.vision_model of an Idefics3); its LM is a llama entry
+    "idefics3_vision": DecoderAdapter(
+        base="",
+        layers="encoder.layers",
+        layer_prefix="encoder.layers.",
+        mlp_down="mlp.fc2",
+        attn_out="self_attn.out_proj",
+        norms=("layer_norm1", "layer_norm2"),
+        final_norm="post_layernorm",
+        layer_roles=SIGLIP_LAYER_ROLES,
+        global_roles=SIGLIP_GLOBAL_ROLES,
+        per_layer_config=(),
+    ),
 }
 
 

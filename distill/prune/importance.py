@@ -31,10 +31,10 @@ SCORE_KEYS = ("layers", "neurons", "heads", "channels")
 
 
 @torch.no_grad()
-def calibration_scores(
-    model: nn.Module, batches: list[Tensor], progress: bool = True
-) -> dict[str, Tensor]:
-    """All importance scores (table above) from one pass over `batches` of (B, S) token ids."""
+def calibration_scores(model: nn.Module, batches: list, progress: bool = True) -> dict[str, Tensor]:
+    """All importance scores (table above) from one pass over `batches`: (B, S) token ids, or
+    dicts of the decoder's keyword inputs (`inputs_embeds` with image features merged in, a
+    vision tower's `pixel_values`)."""
     adapter = adapter_for(model)
     layers = adapter.decoder_layers(model)
     config = model.config
@@ -75,6 +75,10 @@ def calibration_scores(
     def norm_hook(module, args, output) -> None:
         sums["channels"] += output.float().abs().sum(dim=(0, 1)).double().cpu()  # (d,)
 
+    def final_norm_hook(module, args, output) -> None:
+        norm_hook(module, args, output)
+        tokens[0] += output.shape[:-1].numel()
+
     handles = []
     for i, layer in enumerate(layers):
         handles.append(layer.register_forward_hook(block_hook(i), with_kwargs=True))
@@ -83,16 +87,17 @@ def calibration_scores(
         )
         handles.append(layer.get_submodule(adapter.attn_out).register_forward_pre_hook(o_hook(i)))
         handles += [layer.get_submodule(n).register_forward_hook(norm_hook) for n in adapter.norms]
-    handles.append(model.get_submodule(adapter.final_norm).register_forward_hook(norm_hook))
+    handles.append(model.get_submodule(adapter.final_norm).register_forward_hook(final_norm_hook))
 
     was_training = model.training
     model.eval()
     try:
         device = next(model.parameters()).device
         decoder = model.get_submodule(adapter.base)  # no logits needed: skip the LM head
-        for ids in tqdm(batches, desc="calibration", disable=not progress):
-            decoder(input_ids=ids.to(device), use_cache=False)
-            tokens[0] += ids.numel()
+        for batch in tqdm(batches, desc="calibration", disable=not progress):
+            inputs = batch if isinstance(batch, dict) else {"input_ids": batch}
+            extra = {} if "pixel_values" in inputs else {"use_cache": False}  # a vision tower
+            decoder(**{k: v.to(device) for k, v in inputs.items()}, **extra)
     finally:
         for h in handles:
             h.remove()

@@ -110,7 +110,8 @@ def slice_model(model: nn.Module, plan: PrunePlan) -> nn.Module:
         raise RuntimeError(f"slicing left missing={missing} unexpected={unexpected}")
     if getattr(config, "tie_word_embeddings", False):
         student.tie_weights()
-    student.generation_config = copy.deepcopy(model.generation_config)
+    if getattr(model, "generation_config", None) is not None:  # a vision tower has none
+        student.generation_config = copy.deepcopy(model.generation_config)
     param = next(model.parameters())
     return student.to(device=param.device, dtype=param.dtype)
 
