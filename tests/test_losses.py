@@ -174,12 +174,100 @@ def test_topk_counts_the_tail_mass_in_a_rest_bucket():
     [
         ({"kind": "nope"}, "unknown KD loss"),
         ({"temperature": 0}, "temperature"),
+        ({"temperature": -1.0}, "temperature"),
         ({"kind": "jsd", "beta": 1.0}, "beta"),
+        ({"kind": "jsd", "beta": 0.0}, "beta"),
         ({"kind": "skew_forward_kl", "alpha": 1.0}, "alpha"),
+        ({"kind": "skew_forward_kl", "alpha": -0.1}, "alpha"),
+        ({"kind": "skew_reverse_kl", "alpha": 1.0}, "alpha"),
+        ({"kind": "skew_reverse_kl", "alpha": -0.1}, "alpha"),
+        ({"chunk_size": 0}, "chunk_size"),
         ({"hidden_loss": "l1"}, "hidden_loss"),
         ({"on_policy_fraction": 1.5}, "on_policy_fraction"),
+        ({"on_policy_fraction": -0.1}, "on_policy_fraction"),
     ],
 )
 def test_bad_settings_are_clear_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
         KDLoss(**kwargs)
+
+
+def test_settings_at_the_edges_are_accepted_and_kept_for_the_module():
+    """The fields DistillModule reads (hidden KD, on-policy share, cache) are stored as given;
+    range edges that are valid construct."""
+    loss = KDLoss(
+        kind="skew_reverse_kl", temperature=0.5, kd_weight=0.7, ce_weight=0.2, alpha=0.0,
+        chunk_size=1, hidden_weight=0.3, hidden_loss="cosine", on_policy_fraction=1.0,
+        cache="cache-dir", top_k=8,
+    )  # fmt: skip
+    assert (loss.kind, loss.temperature, loss.kd_weight, loss.ce_weight) == (
+        "skew_reverse_kl", 0.5, 0.7, 0.2,
+    )  # fmt: skip
+    assert loss.params == {"alpha": 0.0} and loss.chunk_size == 1
+    assert (loss.hidden_weight, loss.hidden_loss, loss.on_policy_fraction) == (0.3, "cosine", 1.0)
+    assert (loss.cache, loss.top_k) == ("cache-dir", 8)
+    assert KDLoss(kind="jsd", beta=0.25).params == {"beta": 0.25}
+    assert KDLoss(kind="forward_kl", beta=0.25, alpha=0.3).params == {}
+    assert KDLoss(on_policy_fraction=0.0).on_policy_fraction == 0.0
+
+
+@pytest.mark.parametrize("kind", sorted(DIVERGENCES))
+def test_zero_probability_tokens_count_as_zero_not_nan(kind):
+    """A distribution with exact zeros (log p = -inf, e.g. a masked vocabulary) gives a
+    finite divergence equal to the one over its support: 0 · log 0 = 0. The zeros go on the
+    side KL averages over (the teacher; the student for reverse KL)."""
+    torch.manual_seed(9)
+    full = F.log_softmax(torch.randn(3, 6), -1)
+    zeroed = torch.randn(3, 6)
+    zeroed[:, 4:] = float("-inf")
+    zeroed = zeroed.log_softmax(-1)
+    log_ps, log_pt = (zeroed, full) if kind == "reverse_kl" else (full, zeroed)
+    got = DIVERGENCES[kind](log_ps, log_pt)
+    assert torch.isfinite(got).all()
+    expected = _reference(kind, log_ps, log_pt, beta=0.5, alpha=0.1)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_one_valid_row_is_its_own_mean():
+    torch.manual_seed(10)
+    s, t = torch.randn(1, 3, 7), torch.randn(1, 3, 7)
+    labels = torch.full((1, 3), IGNORE_INDEX)
+    labels[0, 1] = 4
+    out = KDLoss(ce_weight=1.0, kd_weight=2.0)(s, t, labels)
+    torch.testing.assert_close(out["kd"], kl_divergence(_cat(t[0, 1]), _cat(s[0, 1])))
+    torch.testing.assert_close(out["ce"], F.cross_entropy(s[0, 1:2], labels[0, 1:2]))
+    torch.testing.assert_close(out["loss"], 2.0 * out["kd"] + out["ce"])
+
+
+def test_ce_only_and_kd_only_weights():
+    """kd_weight = 0 drops the KD term; with a teacher and ce_weight = 0 there is no CE term."""
+    torch.manual_seed(11)
+    s, t, labels = torch.randn(2, 3, 9), torch.randn(2, 3, 9), torch.randint(0, 9, (2, 3))
+    ce_only = KDLoss(kd_weight=0.0, ce_weight=0.5)(s, t, labels)
+    assert set(ce_only) == {"ce", "loss"}
+    torch.testing.assert_close(ce_only["loss"], 0.5 * ce_only["ce"])
+    kd_only = KDLoss(kd_weight=3.0)(s, t, labels)
+    assert set(kd_only) == {"kd", "loss"}
+    torch.testing.assert_close(kd_only["loss"], 3.0 * kd_only["kd"])
+
+
+def test_chunked_head_states_keep_no_logits_for_backward():
+    """With hidden states and several chunks, the logits are recomputed in backward: nothing
+    saved for backward is as large as even one chunk of logits."""
+    torch.manual_seed(12)
+    vocab, width, chunk = 300, 16, 4
+    s_head, t_head = torch.nn.Linear(width, vocab, bias=False), torch.nn.Linear(width, vocab)
+    s, t = torch.randn(1, 30, width, requires_grad=True), torch.randn(1, 30, width)
+    labels = torch.randint(0, vocab, (1, 30))
+    saved: list[int] = []
+
+    def pack(x: torch.Tensor) -> torch.Tensor:
+        saved.append(x.numel())
+        return x
+
+    loss = KDLoss(chunk_size=chunk, ce_weight=0.5)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        out = loss(HeadStates(s, s_head), HeadStates(t, t_head), labels)
+    assert saved and sum(saved) < chunk * vocab
+    out["loss"].backward()
+    assert s.grad is not None and s.grad.abs().sum() > 0

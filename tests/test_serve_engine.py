@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from distill.models.tiny import save_tiny_llama
-from serve.engine import Engine
+from serve.engine import Completion, Engine
 from serve.sampler import SamplingParams
 
 VOCAB = 320
@@ -257,3 +257,111 @@ def test_engine_applies_repetition_penalties(model_dir):
     plain_ids, penalised_ids = plain[0][0].token_ids, penalised[0][0].token_ids
     assert len(set(plain_ids)) < len(plain_ids)  # the random model repeats itself
     assert len(set(penalised_ids)) > len(set(plain_ids))
+
+
+def test_kv_memory_sizes_the_block_pool(model_dir):
+    """Without num_blocks the pool holds kv_memory_bytes of fp32 K and V (at least one block)."""
+    from serve.loader import load_model
+
+    model = load_model(model_dir)
+    a = model.args
+    per_block = 2 * a.num_layers * a.num_kv_heads * a.head_dim * 4 * 8  # K and V, fp32, 8 slots
+    engine = Engine(model, kv_memory_bytes=10 * per_block + per_block // 2, block_size=8)
+    assert engine.pool.num_blocks == 10 and engine.kv.kv.shape[1] == 10 * 8
+    assert engine.kv.bytes_per_slot * 8 == per_block
+    assert Engine(model, kv_memory_bytes=per_block - 1, block_size=8).pool.num_blocks == 1
+    assert Engine(model, num_blocks=3, block_size=8).pool.num_blocks == 3
+
+
+def test_add_request_accepts_the_edges_and_rejects_just_past_them(model_dir):
+    engine = Engine.from_pretrained(model_dir, num_blocks=300, block_size=8)
+    ctx = engine.args.max_position_embeddings
+    engine.add_request([0, VOCAB - 1], GREEDY, request_id="edges")
+    with pytest.raises(ValueError, match="outside"):
+        engine.add_request([-1, 5], GREEDY)
+    with pytest.raises(ValueError, match=f"{ctx} tokens; the context length is {ctx}"):
+        engine.add_request([1] * ctx, GREEDY)
+    near = engine.add_request([1] * (ctx - 1), SamplingParams(max_tokens=50), request_id="near")
+    assert near.seqs[0].max_len == ctx  # max_tokens is cut at the context length
+    engine.add_request([1], SamplingParams(stop_token_ids=(VOCAB - 1,)), request_id="stop-ok")
+    with pytest.raises(ValueError, match="stop_token_ids"):
+        engine.add_request([1], SamplingParams(stop_token_ids=(3, VOCAB)))
+    engine.add_request([1], SamplingParams(n=2), queue_size=2, request_id="queue-ok")
+    with pytest.raises(ValueError, match="queue_size 1 cannot hold one output of each of n=2"):
+        engine.add_request([1], SamplingParams(n=2), queue_size=1)
+    with pytest.raises(ValueError, match="'edges' is already running"):
+        engine.add_request([1], GREEDY, request_id="edges")
+    auto = engine.add_request([1], GREEDY)
+    assert auto.request_id.startswith("req-") and auto.request_id in engine.requests
+    assert engine.requests["edges"].prompt == [0, VOCAB - 1]
+
+
+def test_eos_stops_unless_ignored(model_dir):
+    engine = Engine.from_pretrained(model_dir, num_blocks=64, block_size=8)
+    p = prompts(1, seed=11)[0]
+    (free,) = engine.generate([p], GREEDY)[0]
+    eos = free.token_ids[3]
+    first = free.token_ids.index(eos)
+    with_eos = Engine.from_pretrained(model_dir, num_blocks=64, block_size=8, eos_token_ids=[eos])
+    plain = SamplingParams(max_tokens=12, temperature=0)
+    (stopped,) = with_eos.generate([p], plain)[0]
+    assert stopped.finish_reason == "stop" and stopped.token_ids == free.token_ids[: first + 1]
+    (ignored,) = with_eos.generate([p], GREEDY)[0]  # ignore_eos=True
+    assert ignored.finish_reason == "length" and ignored.token_ids == free.token_ids
+
+
+def test_choice_i_is_seeded_with_seed_plus_i(model_dir):
+    """n choices of seed s are the single choices of seeds s, s + 1, …: any one is reproducible."""
+    engine = Engine.from_pretrained(model_dir, num_blocks=64, block_size=8)
+    p = prompts(1, seed=13)[0]
+    params = SamplingParams(max_tokens=8, temperature=1.0, seed=40, n=3, ignore_eos=True)
+    together = [c.token_ids for c in engine.generate([p], params)[0]]
+    alone = [
+        engine.generate([p], SamplingParams(**{**vars(params), "n": 1, "seed": 40 + i}))[0][0]
+        for i in range(3)
+    ]
+    assert together == [c.token_ids for c in alone]
+
+
+def test_usage_refuses_counts_that_break_its_invariants(model_dir):
+    engine = Engine.from_pretrained(model_dir, num_blocks=64, block_size=8)
+    req = engine.add_request(list(range(1, 18)), GREEDY)
+    assert engine.usage(req) == {
+        "prompt_tokens": 17, "completion_tokens": 0, "cached_tokens": 0,
+        "cache_creation_tokens": 0,
+    }  # fmt: skip
+    req.cached_tokens = 17  # the whole prompt cached: allowed
+    assert engine.usage(req)["cached_tokens"] == 17
+    req.cached_tokens = 18
+    with pytest.raises(RuntimeError, match="usage invariants"):
+        engine.usage(req)
+    req.cached_tokens = -1
+    with pytest.raises(RuntimeError, match="usage invariants"):
+        engine.usage(req)
+    req.cached_tokens, req.created_blocks = 0, {0, 1}  # 16 of 17 uncached tokens: allowed
+    assert engine.usage(req)["cache_creation_tokens"] == 16
+    req.cached_tokens = 8  # 16 created > 9 uncached
+    with pytest.raises(RuntimeError, match="usage invariants"):
+        engine.usage(req)
+
+
+def test_collect_returns_text_logprobs_and_finish_per_choice(model_dir):
+    engine = Engine.from_pretrained(model_dir, num_blocks=64, block_size=8)
+    params = SamplingParams(max_tokens=4, temperature=0, logprobs=True, top_logprobs=2, n=2)
+    req = engine.add_request(prompts(1, seed=14)[0], params)
+    outs = []
+    while engine.has_work():
+        outs += engine.step()
+    choices = Engine.collect(req)
+    assert len(choices) == 2 and choices[0].token_ids == choices[1].token_ids  # greedy
+    for i, c in enumerate(choices):
+        mine = [o for o in outs if o.index == i]
+        assert c.token_ids == [o.token_id for o in mine] and len(c.token_ids) == 4
+        assert c.logprobs == [o.logprob for o in mine] and all(lp < 0 for lp in c.logprobs)
+        assert [len(t) for t in c.top_logprobs] == [2] * 4
+        assert c.top_logprobs[0][0][0] == c.token_ids[0]  # greedy picks the top entry
+        assert c.finish_reason == "length" and c.text == ""  # no tokenizer: no text
+    assert choices[0].usage is choices[1].usage and choices[0].usage["completion_tokens"] == 8
+    assert Engine.collect(req) == [
+        Completion([], "", None, [], [], None) for _ in range(2)
+    ]  # drained: nothing left

@@ -77,3 +77,24 @@ def test_a_reused_cached_block_is_never_handed_out_while_in_use():
         pool.allocate()
     pool.release([a])  # its user finishes: cached again, still under its key
     assert pool.lookup([key]) == [a] and pool.num_available() == 1
+
+
+def test_an_image_enters_exactly_the_blocks_it_overlaps():
+    """An image spanning [16, 32) — block 1 exactly — changes block 1's key, not block 0's,
+    and block 2's key is the plain chain from block 1 (the image ends where block 2 starts)."""
+    digest = image_digest(b"pixels")
+    keys = block_keys(TOKENS, 16, images=[ImageSpan(16, 32, digest)])
+    plain = block_keys(TOKENS, 16)
+    assert keys[0] == plain[0] and keys[1] != plain[1]
+    assert keys[2:] == block_keys(TOKENS, 16, parent=keys[1], first_block=2)
+    # one token into block 2 is enough to make the image part of its key
+    longer = block_keys(TOKENS, 16, images=[ImageSpan(16, 33, digest)])
+    assert longer[:2] == keys[:2] and longer[2] != keys[2]
+
+
+def test_only_full_blocks_get_keys_and_a_resumed_chain_matches():
+    assert len(block_keys(TOKENS[:47], 16)) == 2 and len(block_keys(TOKENS[:48], 16)) == 3
+    assert block_keys(TOKENS[:15], 16) == []
+    full = block_keys(TOKENS, 8)
+    assert len(full) == 8 and block_keys(TOKENS[:24], 8) == full[:3]
+    assert block_keys(TOKENS, 8, parent=full[4], first_block=5) == full[5:]

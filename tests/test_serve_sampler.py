@@ -119,3 +119,87 @@ def test_penalty_range(field, value):
         SamplingParams(**{field: value})
     SamplingParams(**{field: 2.0})
     SamplingParams(**{field: -2.0})
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"temperature": -0.01}, "temperature"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_p": 1.01}, "top_p"),
+        ({"top_k": -1}, "top_k"),
+        ({"n": 0}, "n must"),
+        ({"top_logprobs": -1}, "top_logprobs"),
+        ({"top_logprobs": 21}, "top_logprobs"),
+        ({"stop": ("ok", "")}, "stop must"),
+        ({"stop_token_ids": (3, -1)}, "stop_token_ids"),
+        ({"stop_token_ids": (1.0,)}, "stop_token_ids"),
+    ],
+)
+def test_sampling_params_reject_out_of_range_values(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        SamplingParams(**kwargs)
+
+
+def test_sampling_params_accept_the_edges_of_each_range():
+    edges = SamplingParams(
+        max_tokens=1, temperature=0, top_p=1.0, top_k=0, n=1, top_logprobs=20,
+        stop="end", stop_token_ids=[0],
+    )  # fmt: skip
+    assert edges.stop == ("end",) and edges.stop_token_ids == (0,)  # a str and a list normalised
+    assert edges.greedy and not edges.penalized
+    assert SamplingParams(stop=["a", "b"]).stop == ("a", "b")
+    assert SamplingParams(top_p=1e-6).top_p == 1e-6
+    assert not SamplingParams(temperature=0.01).greedy
+    assert SamplingParams(frequency_penalty=-0.5).penalized
+
+
+def test_top_p_one_and_top_k_vocab_are_off():
+    """top_p = 1 masks nothing, not even a token whose probability rounds away in fp32
+    (cumsum reaches 1.0 before it); top_k ≥ V masks nothing either."""
+    logits = torch.tensor([0.0, -30.0, -40.0])
+    assert torch.isfinite(filter_logits(logits, SamplingParams(top_p=1.0))).all()
+    assert torch.isfinite(filter_logits(logits, SamplingParams(top_k=3))).all()
+    assert torch.isfinite(filter_logits(logits, SamplingParams(top_k=7))).all()
+    kept = torch.isfinite(filter_logits(logits, SamplingParams(top_k=1))).tolist()
+    assert kept == [True, False, False]
+    # temperature divides the logits that the filters (and then softmax) see
+    out = filter_logits(torch.tensor([2.0, -1.0]), SamplingParams(temperature=0.5))
+    assert out.tolist() == [4.0, -2.0]
+
+
+def test_logprobs_and_top_logprobs_per_row():
+    """Each row reports its own chosen-token logprob and exactly its own number of top
+    alternatives (log_softmax of the raw logits, best first); rows that did not ask get none."""
+    logits = torch.tensor([[1.0, 3.0, 2.0, 0.0], [0.0, 0.5, 4.0, 1.0], [5.0, 0.0, 0.0, 0.0]])
+    params = [
+        SamplingParams(temperature=0, logprobs=True, top_logprobs=3),
+        SamplingParams(temperature=0, logprobs=True),
+        SamplingParams(temperature=0),
+    ]
+    a, b, c = sample(logits, params, [None] * 3, [None] * 3)
+    logp = torch.log_softmax(logits, -1)
+    assert (a.token_id, b.token_id, c.token_id) == (1, 2, 0)
+    assert a.logprob == pytest.approx(float(logp[0, 1]))
+    assert b.logprob == pytest.approx(float(logp[1, 2]))
+    assert [t for t, _ in a.top] == [1, 2, 0]
+    assert [v for _, v in a.top] == pytest.approx(logp[0, [1, 2, 0]].tolist())
+    assert b.top == [] and c.logprob is None and c.top == []
+    only_top = sample(logits[:1], [SamplingParams(temperature=0, top_logprobs=2)], [None], [None])
+    assert [t for t, _ in only_top[0].top] == [1, 2]
+    assert only_top[0].logprob == pytest.approx(float(logp[0, 1]))
+
+
+def test_masks_apply_to_their_own_row_only():
+    logits = torch.tensor([[0.0, 5.0, 1.0], [0.0, 5.0, 1.0]])
+    allow = torch.tensor([True, False, True])
+    params = [SamplingParams(temperature=0)] * 2
+    masked, free = sample(logits, params, [None, None], [allow, None])
+    assert (masked.token_id, free.token_id) == (2, 1)
+    # a sampled (temperature > 0) row never draws a masked token
+    hot = [SamplingParams(temperature=5.0)] * 200
+    rows = logits[:1].expand(200, -1)
+    gen = torch.Generator().manual_seed(0)
+    picks = {c.token_id for c in sample(rows, hot, [gen] * 200, [allow] * 200)}
+    assert picks == {0, 2}

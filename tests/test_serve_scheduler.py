@@ -1,0 +1,173 @@
+"""The scheduler on its own (no model): token budget, decode-first order, memory reservation,
+max_seqs, n > 1 deferral, priorities, and which blocks get published as prompt cache."""
+
+from __future__ import annotations
+
+import pytest
+
+from serve.kv_cache import BlockPool
+from serve.prefix_cache import block_keys
+from serve.sampler import SamplingParams
+from serve.scheduler import Request, Scheduler, Sequence, Status
+
+
+def scheduler(num_blocks=32, block_size=4, budget=64, max_seqs=8, background=8) -> Scheduler:
+    return Scheduler(BlockPool(num_blocks, block_size), budget, max_seqs, background)
+
+
+def add(sched: Scheduler, prompt, max_tokens=4, n=1, priority=0, rid="r", salt="") -> Request:
+    """Queue a request the way Engine.add_request does."""
+    req = Request(rid, list(prompt), SamplingParams(max_tokens=max_tokens, n=n), salt=salt)
+    req.priority = priority
+    for i in range(n):
+        seq = Sequence(req, i, list(prompt), len(prompt) + max_tokens, None, None)
+        req.seqs.append(seq)
+        sched.waiting.append(seq)
+    return req
+
+
+def step(sched: Scheduler, token: int = 7) -> list[tuple[str, int, int, int]]:
+    """One engine step without a model: schedule, commit, append a token to each sampling
+    row, finish at max_len. Returns (request id, choice, start, count) per work item."""
+    work = sched.schedule()
+    sched.commit(work)
+    for w in work:
+        if w.samples:
+            w.seq.tokens.append(token)
+            if len(w.seq.tokens) >= w.seq.max_len:
+                sched.finish(w.seq, "length")
+    return [(w.seq.request.request_id, w.seq.index, w.start, w.count) for w in work]
+
+
+def test_decodes_first_then_prefill_chunks_within_the_budget():
+    sched = scheduler(budget=8)
+    add(sched, range(3), max_tokens=8, rid="a")
+    assert step(sched) == [("a", 0, 0, 3)]
+    add(sched, range(100, 120), rid="b")
+    assert step(sched) == [("a", 0, 3, 1), ("b", 0, 0, 7)]
+    assert step(sched) == [("a", 0, 4, 1), ("b", 0, 7, 7)]
+    assert step(sched) == [("a", 0, 5, 1), ("b", 0, 14, 6)]  # b's last chunk samples
+    assert step(sched) == [("a", 0, 6, 1), ("b", 0, 20, 1)]
+
+
+def test_a_prompt_longer_than_the_budget_spreads_over_steps_and_samples_once():
+    sched = scheduler(budget=5)
+    req = add(sched, range(12), max_tokens=1)
+    assert [step(sched) for _ in range(3)] == [
+        [("r", 0, 0, 5)], [("r", 0, 5, 5)], [("r", 0, 10, 2)],
+    ]  # fmt: skip
+    assert req.seqs[0].status is Status.FINISHED and req.seqs[0].tokens[-1] == 7
+    assert sched.schedule() == [] and sched.pool.num_available() == 32
+
+
+def test_max_seqs_caps_how_many_run_at_once():
+    sched = scheduler(max_seqs=2)
+    for rid in "abc":
+        add(sched, range(3), max_tokens=2, rid=rid)
+    assert [w[0] for w in step(sched)] == ["a", "b"]
+    assert [s.request.request_id for s in sched.waiting] == ["c"]
+    assert [w[0] for w in step(sched)] == ["a", "b"]  # both finish (max_tokens=2)
+    assert [w[0] for w in step(sched)] == ["c"]
+
+
+def test_admission_reserves_each_sequence_its_whole_lifetime():
+    """6 blocks of 4: a (8 + 8 tokens = 4 blocks) and b (4 + 4 = 2 blocks) fit exactly, c
+    waits — though only 3 blocks are in use after the first step — until one finishes."""
+    sched = scheduler(num_blocks=6, block_size=4)
+    a = add(sched, range(8), max_tokens=8, rid="a")
+    b = add(sched, range(50, 54), max_tokens=4, rid="b")
+    c = add(sched, range(60, 62), max_tokens=2, rid="c")
+    assert [w[0] for w in step(sched)] == ["a", "b"]
+    assert sched.pool.num_available() == 3 and c.seqs[0].status is Status.WAITING
+    while b.seqs[0].status is not Status.FINISHED:
+        assert "c" not in [w[0] for w in step(sched)]
+    assert "c" in [w[0] for w in step(sched)]
+    assert a.seqs[0].status is Status.RUNNING
+
+
+def test_check_fits_accepts_an_exact_fit_and_names_the_numbers():
+    sched = scheduler(num_blocks=6, block_size=8)
+    sched.check_fits(40, 48)
+    with pytest.raises(ValueError) as err:
+        sched.check_fits(40, 49)
+    assert str(err.value) == (
+        "request needs 7 KV blocks (40 prompt + 9 max_tokens tokens) but the cache holds "
+        "only 6 blocks of 8 tokens"
+    )
+
+
+def test_a_cached_prefix_is_reused_but_the_last_prompt_token_is_recomputed():
+    sched = scheduler(num_blocks=16, block_size=4)
+    first = add(sched, range(12), max_tokens=1, rid="first")
+    step(sched)
+    assert first.cached_tokens == 0 and first.created_blocks == {0, 1, 2}
+    again = add(sched, range(12), max_tokens=1, rid="again")
+    assert step(sched) == [("again", 0, 8, 4)]  # blocks 0 and 1 reused, block 2 recomputed
+    assert again.cached_tokens == 8 and again.created_blocks == set()
+    longer = add(sched, range(13), max_tokens=1, rid="longer")
+    assert step(sched) == [("longer", 0, 12, 1)]
+    assert longer.cached_tokens == 12
+    other = add(sched, range(13), max_tokens=1, rid="other", salt="tenant-b")
+    assert step(sched) == [("other", 0, 0, 13)] and other.cached_tokens == 0
+
+
+def test_blocks_holding_generated_tokens_are_not_prompt_cache_creation():
+    sched = scheduler(num_blocks=16, block_size=4)
+    req = add(sched, range(6), max_tokens=8)
+    while req.seqs[0].status is not Status.FINISHED:
+        step(sched)
+    assert req.created_blocks == {0}  # block 1 holds prompt tokens 4-5 and generated ones
+    keys = block_keys(req.seqs[0].tokens, 4)
+    assert len(keys) == 3
+    assert len(sched.pool.lookup(keys)) == 3  # all full blocks published, generated ones too
+
+
+def test_later_choices_wait_for_the_first_to_prefill_the_shared_prompt():
+    sched = scheduler(num_blocks=16, block_size=4, budget=6)
+    req = add(sched, range(10), max_tokens=3, n=3)
+    assert step(sched) == [("r", 0, 0, 6)]
+    assert step(sched) == [("r", 0, 6, 4)]  # choices 1 and 2 still wait: 2 tokens left over
+    assert step(sched) == [("r", 0, 10, 1), ("r", 1, 8, 2), ("r", 2, 8, 2)]
+    assert req.seqs[1].blocks[:2] == req.seqs[2].blocks[:2] == req.seqs[0].blocks[:2]
+    assert req.cached_tokens == 0  # billed once, from the first choice
+
+
+def test_a_paused_request_is_skipped_without_holding_up_later_ones():
+    sched = scheduler()
+    slow = add(sched, range(3), max_tokens=6, rid="slow")
+    add(sched, range(3), max_tokens=6, rid="fast")
+    slow.queue_size = 1
+    step(sched)
+    slow.outputs.put("unread")
+    assert slow.paused
+    assert [w[0] for w in step(sched)] == ["fast"]
+    slow.outputs.get()
+    assert [w[0] for w in step(sched)] == ["slow", "fast"]
+
+
+def test_background_work_gets_only_its_allowance_while_interactive_work_exists():
+    sched = scheduler(budget=16, background=3)
+    add(sched, range(10), max_tokens=4, priority=1, rid="batch")
+    add(sched, range(100, 110), max_tokens=4, priority=0, rid="chat")
+    assert step(sched) == [("chat", 0, 0, 10), ("batch", 0, 0, 3)]
+    assert step(sched) == [("chat", 0, 10, 1), ("batch", 0, 3, 3)]
+    assert step(sched) == [("chat", 0, 11, 1), ("batch", 0, 6, 3)]
+    assert step(sched) == [("chat", 0, 12, 1), ("batch", 0, 9, 1)]  # chat ends here
+    assert step(sched) == [("batch", 0, 10, 1)]
+
+
+def test_background_alone_or_equal_priorities_share_the_whole_budget():
+    sched = scheduler(budget=16, background=3)
+    add(sched, range(10), max_tokens=4, priority=1, rid="batch")
+    assert step(sched) == [("batch", 0, 0, 10)]  # nothing more urgent: no cap
+    add(sched, range(100, 110), max_tokens=4, priority=1, rid="batch2")
+    assert step(sched) == [("batch", 0, 10, 1), ("batch2", 0, 0, 10)]
+
+
+def test_background_waits_to_be_admitted_once_its_allowance_is_spent():
+    sched = scheduler(budget=16, background=3)
+    add(sched, range(4), max_tokens=4, priority=0, rid="chat")
+    add(sched, range(10), max_tokens=4, priority=2, rid="b1")
+    add(sched, range(20, 30), max_tokens=4, priority=1, rid="b2")
+    assert step(sched) == [("chat", 0, 0, 4), ("b2", 0, 0, 3)]
+    assert [s.request.request_id for s in sched.waiting] == ["b1"]
