@@ -21,6 +21,12 @@ log = logging.getLogger(__name__)
 TEACHER_RECIPE = "python -m distill train recipe=vlm-teacher"
 
 
+def _is_blind(run_dir: Path) -> bool:
+    """A blind-baseline run (trained on blank images) is no teacher."""
+    config = run_dir / "config.yaml"
+    return config.is_file() and bool(OmegaConf.load(config).get("data", {}).get("blank_images"))
+
+
 def find_teacher(cfg: DictConfig) -> Path:
     """teacher.path, else the newest `<output_root>/vlm-teacher/*/model/`; a ConfigError that
     says how to make one when there is none."""
@@ -35,7 +41,11 @@ def find_teacher(cfg: DictConfig) -> Path:
                 ],
             )
         return path
-    runs = sorted(Path(cfg.output_root).glob("vlm-teacher/*/model/config.json"))
+    runs = [
+        r
+        for r in sorted(Path(cfg.output_root).glob("vlm-teacher/*/model/config.json"))
+        if not _is_blind(r.parent.parent)
+    ]
     if not runs:
         raise ConfigError(
             "train",
@@ -92,11 +102,7 @@ def quant_stage(cfg, teacher, student, processor, run_dir: Path, feature_channel
         qcfg = OmegaConf.merge(
             cfg,
             {
-                "trainer": {
-                    "max_steps": q.steps,
-                    "precision": "32-true",
-                    "val_check_interval": q.steps,
-                },
+                "trainer": {"max_steps": q.steps, "val_check_interval": q.steps},
                 "optim": {"lr": q.lr, "vision_lr": q.lr, "warmup_steps": q.warmup_steps},
                 "force": True,
                 "resume": None,
@@ -149,7 +155,8 @@ def run_student(cfg: DictConfig, run_dir: Path) -> dict:
         stages["quant"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    results, examples = vqa_eval(cfg, models, processor)
+    # the int8 student in fp32: its forward is then exactly the export's
+    results, examples = vqa_eval(cfg, models, processor, fp32=("student_int8",))
     stages["eval"] = time.perf_counter() - t
     summary = {
         "run_dir": str(run_dir),

@@ -89,9 +89,12 @@ def train_stage(
     return model
 
 
-def vqa_eval(cfg, models: dict, processor, blank: tuple[str, ...] = ()) -> tuple[dict, list]:
+def vqa_eval(
+    cfg, models: dict, processor, blank: tuple[str, ...] = (), fp32: tuple[str, ...] = ()
+) -> tuple[dict, list]:
     """Per-type accuracy of each model on the fixed test sample (and of `blank` models shown
-    white images, as '<name> (blank image)'), with a few examples."""
+    white images, as '<name> (blank image)'), with a few examples. Models run in the training
+    precision, those named in `fp32` in fp32."""
     from eval.vqa import accuracy_by_type, answer_questions, easy_vqa_items
 
     e = cfg.eval
@@ -103,7 +106,7 @@ def vqa_eval(cfg, models: dict, processor, blank: tuple[str, ...] = ()) -> tuple
     for name, model, blank_image in runs:
         t = time.perf_counter()
         model.eval()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16 and name not in fp32):
             answers[name] = answer_questions(
                 model,
                 processor,

@@ -107,3 +107,23 @@ def test_missing_teacher_says_how_to_make_it(tmp_path):
     assert out.returncode != 0
     assert "python -m distill train recipe=vlm-teacher" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_newest_non_blind_teacher_is_found(tmp_path):
+    from omegaconf import OmegaConf
+
+    from distill.validate import ConfigError
+    from distill.vlm_student import find_teacher
+
+    cfg = OmegaConf.create({"teacher": {"path": None}, "output_root": str(tmp_path)})
+    with pytest.raises(ConfigError, match="recipe=vlm-teacher"):
+        find_teacher(cfg)
+    for stamp, blind in (("2026-01-01", False), ("2026-01-02", False), ("2026-01-03", True)):
+        model = tmp_path / "vlm-teacher" / stamp / "model"
+        model.mkdir(parents=True)
+        (model / "config.json").write_text("{}")
+        OmegaConf.save({"data": {"blank_images": blind}}, model.parent / "config.yaml")
+    assert find_teacher(cfg) == tmp_path / "vlm-teacher" / "2026-01-02" / "model"
+    cfg.teacher.path = str(tmp_path / "nowhere")
+    with pytest.raises(ConfigError, match="no VLM there"):
+        find_teacher(cfg)
