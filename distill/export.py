@@ -141,10 +141,13 @@ def load_export(export_dir: str | Path, int8_kernels: bool = True) -> torch.nn.M
     return model
 
 
-def export_stage(serving: dict | None, run_dir: Path, force: bool = False) -> Path:
+def export_stage(
+    serving: dict | None, run_dir: Path, force: bool = False, name: str | None = None
+) -> Path:
     """The train pipeline's last stage: `<run_dir>/export/` from its most finished student.
 
     QAT beats PTQ beats the fp32 student; an INT8 student exports as compressed-tensors INT8.
+    `name` is the served model name (default: the directory's, "export").
     """
     out_dir = run_dir / "export"
     if (out_dir / "serving.json").exists() and not force:
@@ -157,4 +160,6 @@ def export_stage(serving: dict | None, run_dir: Path, force: bool = False) -> Pa
     else:
         raise FileNotFoundError(f"export: no student checkpoint in {run_dir}")
     quant = "int8" if is_int8_checkpoint(source) else "none"
+    if name:
+        serving = {**(serving or {}), "model": (serving or {}).get("model") or name}
     return export(source, out_dir, quant=quant, serving=serving)

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from distill.kd_setup import build_module, build_trainer
 from distill.quant import build_scheme, finish_qat, prepare_qat, save_int8, to_int8
 
 log = logging.getLogger(__name__)
@@ -26,8 +26,6 @@ OUTPUT_DIRS = {"qat": "student-qat", "ptq": "student-ptq"}
 
 def qat_train(cfg: DictConfig, teacher, student: torch.nn.Module, data, run_dir: Path) -> None:
     """KD with fake-quantized student modules for `cfg.quant.steps` steps (in place)."""
-    from distill.train import build_module  # shared KD setup (loss, vocab checks, teacher cache)
-
     qcfg = cfg.quant
     names = prepare_qat(student, build_scheme(qcfg))
     log.info("qat: %d fake-quantized modules, %d steps at lr %.2g", len(names), qcfg.steps, qcfg.lr)
@@ -38,13 +36,15 @@ def qat_train(cfg: DictConfig, teacher, student: torch.nn.Module, data, run_dir:
     OmegaConf.set_struct(qat_cfg, False)
     qat_cfg.optim.lr, qat_cfg.optim.warmup_steps = qcfg.lr, qcfg.warmup_steps
     module, datamodule = build_module(qat_cfg, teacher, student, data, run_dir)
-    trainer = instantiate(
-        cfg.trainer,
+    trainer = build_trainer(
+        qat_cfg,
+        run_dir / "qat",
+        stage="qat",
         max_steps=qcfg.steps,
         limit_val_batches=0,  # held-out numbers come from the comparison after conversion
-        default_root_dir=str(run_dir / "qat"),
         logger=L.pytorch.loggers.CSVLogger(str(run_dir), name="metrics-qat", version=""),
         enable_checkpointing=False,
+        enable_model_summary=False,  # the distill stage printed the same student's
         callbacks=[],
     )
     trainer.fit(module, datamodule=datamodule)

@@ -24,17 +24,22 @@ def teacher_agreement(
     blocks: Tensor,
     batch_size: int = 2,
     progress: bool = False,
+    desc: str = "agreement",
 ) -> dict[str, float]:
     """Compare next-token distributions of `teacher` and `student` at every position of `blocks`.
 
     blocks: (num_blocks, seq_len) token ids; all seq_len − 1 next-token positions are scored.
     Returns top1_agreement (fraction of positions with the same argmax), kl_from_teacher
-    (mean KL(p_t ‖ p_s) in nats per token), teacher_nll / student_nll and their perplexities.
+    (mean KL(p_t ‖ p_s) in nats per token), teacher_nll / student_nll and their perplexities,
+    and `per_block`: one {agree, kl, nll_t, nll_s, positions} sum record per block (the items
+    of the report's bootstrap intervals).
     """
     totals = {"agree": 0.0, "kl": 0.0, "nll_t": 0.0, "nll_s": 0.0}
     positions = 0
-    for i in tqdm(range(0, len(blocks), batch_size), disable=not progress, desc="agreement"):
+    per_block: list[dict] = []
+    for i in tqdm(range(0, len(blocks), batch_size), disable=not progress, desc=desc):
         ids = blocks[i : i + batch_size]
+        rows = ids[:, 1:].numel() // len(ids)
         targets = ids[:, 1:].flatten()
         # fp32 log-softmax: (B, S-1, V) → (B·(S-1), V)
         log_pt = F.log_softmax(
@@ -45,10 +50,17 @@ def teacher_agreement(
         ).flatten(0, 1)
         log_ps = log_ps.to(log_pt.device)
         targets = targets.to(log_pt.device)
-        totals["agree"] += (log_pt.argmax(-1) == log_ps.argmax(-1)).sum().item()
-        totals["kl"] += forward_kl(log_ps, log_pt).sum().item()
-        totals["nll_t"] += F.nll_loss(log_pt, targets, reduction="sum").item()
-        totals["nll_s"] += F.nll_loss(log_ps, targets, reduction="sum").item()
+        per_position = {  # (B·(S-1),) each
+            "agree": (log_pt.argmax(-1) == log_ps.argmax(-1)).double(),
+            "kl": forward_kl(log_ps, log_pt).double(),
+            "nll_t": F.nll_loss(log_pt, targets, reduction="none").double(),
+            "nll_s": F.nll_loss(log_ps, targets, reduction="none").double(),
+        }
+        by_block = {k: v.view(len(ids), rows).sum(-1).tolist() for k, v in per_position.items()}
+        for b in range(len(ids)):
+            per_block.append({k: by_block[k][b] for k in by_block} | {"positions": rows})
+        for key, values in by_block.items():
+            totals[key] += sum(values)
         positions += targets.numel()
     n = max(positions, 1)
     return {
@@ -59,4 +71,5 @@ def teacher_agreement(
         "teacher_perplexity": math.exp(min(totals["nll_t"] / n, 50.0)),
         "student_perplexity": math.exp(min(totals["nll_s"] / n, 50.0)),
         "tokens": positions,
+        "per_block": per_block,
     }

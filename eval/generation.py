@@ -47,17 +47,26 @@ def generate_continuations(
     return out
 
 
+def scored_nll(
+    scorer: nn.Module, prompts: list[list[int]], continuations: list[list[int]], batch_size: int = 8
+) -> list[tuple[float, int]]:
+    """Per prompt: (NLL that `scorer` assigns to the continuation given the prompt, its tokens)."""
+    full = [p + c for p, c in zip(prompts, continuations, strict=True)]
+    with_continuation = sequence_logprobs(scorer, full, batch_size)
+    prompt_only = sequence_logprobs(scorer, [list(p) for p in prompts], batch_size)
+    return [
+        (-(a - b), len(c))
+        for a, b, c in zip(with_continuation, prompt_only, continuations, strict=True)
+    ]
+
+
 def scored_perplexity(
     scorer: nn.Module, prompts: list[list[int]], continuations: list[list[int]], batch_size: int = 8
 ) -> float:
     """exp(mean NLL) that `scorer` assigns to the continuation tokens given their prompts."""
-    full = [p + c for p, c in zip(prompts, continuations, strict=True)]
-    prompt_only = [p for p in prompts]
-    total = sum(sequence_logprobs(scorer, full, batch_size)) - sum(
-        sequence_logprobs(scorer, prompt_only, batch_size)
-    )
-    tokens = sum(len(c) for c in continuations)
-    return math.exp(min(-total / max(tokens, 1), 50.0))
+    items = scored_nll(scorer, prompts, continuations, batch_size)
+    tokens = sum(n for _, n in items)
+    return math.exp(min(sum(v for v, _ in items) / max(tokens, 1), 50.0))
 
 
 def ngrams(tokens: list[int], n: int) -> list[tuple[int, ...]]:

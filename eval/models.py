@@ -34,6 +34,7 @@ def load_int8(path: str, device: str, int8_kernels: bool = True) -> nn.Module:
     fbgemm modules built from the int8 tensors on disk, so the speed section measures int8.
     """
     model = load_model(path, device)
+    model.nd_parameters = sum(p.numel() for p in model.parameters())  # before int8 swaps
     config = json.loads((Path(path) / "config.json").read_text())
     if not (int8_kernels and device == "cpu" and config.get("quantization_config")):
         return model

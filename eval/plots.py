@@ -36,7 +36,8 @@ def retention_figure(retention_by_model: dict[str, dict[str, float | None]]) -> 
     ax.set_yticks([i + 0.4 - height / 2 for i in range(len(metrics))], metrics)
     ax.invert_yaxis()
     ax.set_xlabel("retention (1.0 = as good as the teacher)")
-    ax.legend(loc="lower right", fontsize=8)
+    # outside the axes: a legend inside would cover the bars
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
     ax.set_title("retention")
     return fig
 
@@ -79,21 +80,24 @@ def read_metrics_csv(path: str | Path) -> dict[str, list[tuple[float, float]]]:
 
 
 def training_figure(series: dict[str, list[tuple[float, float]]]) -> Figure | None:
-    """Loss curves (every column with 'loss' or 'kd' in its name) against the step."""
-    curves = {k: v for k, v in series.items() if ("loss" in k or "kd" in k) and v}
-    if not curves:
+    """One panel per training curve (train/loss, train/kd, …: on one axis a curve that equals
+    another hides it) plus validation perplexity, each against the step."""
+    keys = sorted(k for k, v in series.items() if v and ("loss" in k or "kd" in k))
+    keys += [k for k in ("val/perplexity",) if series.get(k)]
+    if not keys:
         return None
-    fig, ax = plt.subplots(figsize=(7, 3))
-    for key, points in sorted(curves.items()):
-        steps, values = zip(*points, strict=True)
-        ax.plot(steps, values, marker="." if len(points) < 30 else None, label=key)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    if all(v > 0 for pts in curves.values() for _, v in pts):
-        lo = min(v for pts in curves.values() for _, v in pts)
-        hi = max(v for pts in curves.values() for _, v in pts)
-        if hi / lo > 10 and math.isfinite(hi / lo):
+    cols = min(len(keys), 3)
+    rows = math.ceil(len(keys) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.6 * rows), squeeze=False)
+    for ax, key in zip(axes.flat, keys, strict=False):
+        steps, values = zip(*series[key], strict=True)
+        ax.plot(steps, values, marker="." if len(steps) < 30 else None)
+        if all(v > 0 for v in values) and max(values) / min(values) > 10:
             ax.set_yscale("log")
-    ax.legend(fontsize=8)
-    ax.set_title("training curves")
+        ax.set_title(key, fontsize=10)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=8)
+    for ax in list(axes.flat)[len(keys) :]:
+        ax.set_visible(False)
+    fig.tight_layout()
     return fig

@@ -67,7 +67,7 @@ def coherence_probe(
     model: nn.Module, pairs: list[tuple[list[int], list[int]]], batch_size: int = 8
 ) -> dict[str, float]:
     """Fraction of pairs where log p(original) > log p(shuffled) (ties count as failures),
-    and the mean log-likelihood margin in nats."""
+    the mean log-likelihood margin in nats, and the per-paragraph margins."""
     if not pairs:
         raise ValueError("coherence probe needs at least one paragraph of 3+ sentences")
     flat = [seq for pair in pairs for seq in pair]
@@ -76,4 +76,5 @@ def coherence_probe(
     return {
         "coherence_probe": sum(m > 0 for m in margins) / len(margins),
         "coherence_margin": sum(margins) / len(margins),
+        "margins": margins,
     }

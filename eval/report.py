@@ -34,28 +34,143 @@ def fmt(value) -> str:
     return str(value)
 
 
+def with_interval(value, low=None, high=None) -> str:
+    """'18.07 [17.2, 19.1]' (the 95% interval when there is one)."""
+    if low is None or high is None:
+        return fmt(value)
+    return f"{fmt(value)} [{fmt(low)}, {fmt(high)}]"
+
+
+def _interval(report: dict, section: str, name: str, metric: str) -> tuple:
+    rec = report.get(section, {}).get(name, {}).get(metric) or {}
+    return rec.get("low"), rec.get("high"), rec.get("n"), rec.get("unit")
+
+
+def students_of(report: dict) -> list[str]:
+    return [n for n in report["models"] if n != "teacher"]
+
+
+def headline_header(report: dict) -> list[str]:
+    return [
+        "model",
+        "parameters",
+        "weights MB",
+        "tokens/s [95%]",
+        "speed vs teacher",
+        "perplexity [95%]",
+        "perplexity retention [95%]",
+        "top-1 agreement",
+    ]
+
+
+def headline_rows(report: dict) -> list[list[str]]:
+    """The answer: size, bytes, speed and quality of every model, side by side."""
+    rows = []
+    for name, m in report["models"].items():
+        speed = report["speed"].get(name, {})
+        ppl_low, ppl_high, _, _ = _interval(report, "intervals", name, "perplexity")
+        ret = report.get("retention_by_model", {}).get(name, {}).get("perplexity")
+        ret_low, ret_high, _, _ = _interval(report, "retention_intervals", name, "perplexity")
+        ratio = speed.get("tokens_per_s_vs_teacher")
+        rows.append(
+            [
+                name,
+                f"{m['parameters']:,}" if m.get("parameters") else "–",
+                fmt(speed.get("weights_mb")),
+                with_interval(
+                    speed.get("tokens_per_s"),
+                    speed.get("tokens_per_s_low"),
+                    speed.get("tokens_per_s_high"),
+                )
+                + (" (noisy)" if speed.get("noisy") else ""),
+                f"{ratio:.2f}×" if ratio else "1×",
+                with_interval(m.get("perplexity"), ppl_low, ppl_high),
+                "1" if name == "teacher" else with_interval(ret, ret_low, ret_high),
+                fmt(m.get("top1_agreement")),
+            ]
+        )
+    return rows
+
+
+def sample_sizes(report: dict) -> str:
+    """'perplexity on 4,080 tokens (16 × 256-token blocks), probe 16 paragraphs, …'."""
+    teacher = report.get("intervals", {}).get("teacher", {})
+    parts = []
+    for metric, label in (
+        ("perplexity", "perplexity / agreement"),
+        ("coherence_probe", "coherence probe"),
+        ("generation_teacher_ppl", "generation"),
+        ("vqa_accuracy", "VQA"),
+    ):
+        if metric in teacher:
+            parts.append(f"{label}: {teacher[metric]['n']} {teacher[metric]['unit']}")
+    tokens = report["models"].get("teacher", {}).get("tokens")
+    seq_len = report.get("config", {}).get("eval", {}).get("seq_len")
+    if tokens and parts:
+        parts[0] += f" of {seq_len} tokens ({tokens:,} scored tokens)"
+    return "; ".join(parts)
+
+
+def metric_header(report: dict) -> list[str]:
+    students = students_of(report)
+    return ["metric", "n", *report["models"], *(f"retention ({s})" for s in students)]
+
+
 def metric_rows(report: dict) -> list[list[str]]:
-    """[metric, <one column per model>, retention] for every metric in RETENTION order."""
+    """[metric, n, <value [95%] per model>, <retention [95%] per student>] in RETENTION order."""
     models = report["models"]
     rows = []
     for metric in RETENTION:
-        if metric in models.get("teacher", {}):
-            rows.append(
-                [
-                    metric,
-                    *(fmt(m.get(metric)) for m in models.values()),
-                    fmt(report["retention"].get(metric)),
-                ]
-            )
+        if metric not in models.get("teacher", {}):
+            continue
+        low, high, n, unit = _interval(report, "intervals", "teacher", metric)
+        row = [metric, f"{n} {unit}" if n else "–"]
+        for name, m in models.items():
+            low, high, _, _ = _interval(report, "intervals", name, metric)
+            row.append(with_interval(m.get(metric), low, high))
+        for name in students_of(report):
+            value = report.get("retention_by_model", {}).get(name, {}).get(metric)
+            low, high, _, _ = _interval(report, "retention_intervals", name, metric)
+            row.append(with_interval(value, low, high))
+        rows.append(row)
     return rows
+
+
+SPEED_HEADER = ["model", "runtime", *SPEED_COLUMNS, "runs", "tokens/s vs teacher", "noise"]
 
 
 def speed_rows(report: dict) -> list[list[str]]:
     rows = []
     for name, s in report["speed"].items():
         ratio = s.get("tokens_per_s_vs_teacher")
-        rows.append([name, *(fmt(s[k]) for k in SPEED_COLUMNS), fmt(ratio) if ratio else "1"])
+        noise = "–"
+        if "noisy" in s:
+            load = s.get("other_load")
+            load_text = f", other load {load:.1f}" if load is not None else ""
+            noise = ("NOISY" if s["noisy"] else "ok") + (
+                f" ({s.get('rounds', 1)} rounds{', stable' if s.get('stable') else ''}{load_text})"
+            )
+        rows.append(
+            [
+                name,
+                s.get("runtime", "–"),
+                *(fmt(s[k]) for k in SPEED_COLUMNS),
+                str(s.get("runs", "–")),
+                fmt(ratio) if ratio else "1",
+                noise,
+            ]
+        )
     return rows
+
+
+def noise_note(report: dict) -> str:
+    if not report.get("speed_noisy"):
+        return "Speed: rounds agreed within 5% and no other process loaded the CPU."
+    return (
+        "Speed figures are NOISY: other processes loaded the CPU or repeated rounds disagreed "
+        "by more than 5%; compare ratios within this table only, and rerun on a quiet machine "
+        "before quoting absolute tokens/s."
+    )
 
 
 def _md_table(header: list[str], rows: list[list[str]]) -> str:
@@ -69,13 +184,19 @@ def markdown(report: dict) -> str:
     parts = [
         "# Evaluation report",
         "",
-        "Held-out test split; retention = student relative to teacher, 1.0 = as good as the teacher.",
+        _md_table(headline_header(report), headline_rows(report)),
         "",
-        _md_table(["metric", *names, "retention (student)"], metric_rows(report)),
+        f"Held-out test split; retention = model relative to teacher (1.0 = as good as the "
+        f"teacher); [95%] = bootstrap interval over items. Sample sizes: {sample_sizes(report)}.",
+        noise_note(report),
+        "",
+        "## All metrics",
+        "",
+        _md_table(metric_header(report), metric_rows(report)),
         "",
         "## Speed (batch 1, greedy, medians after warm-up)",
         "",
-        _md_table(["model", *SPEED_COLUMNS, "tokens/s vs teacher"], speed_rows(report)),
+        _md_table(SPEED_HEADER, speed_rows(report)),
         "",
         "## Sample generations",
     ]
@@ -119,13 +240,19 @@ def _img(data: bytes, alt: str, mime: str = "image/png", width: int | None = Non
 
 def render_html(report: dict, figures: dict[str, bytes]) -> str:
     names = list(report["models"])
+    noisy = report.get("speed_noisy")
     body = [
         "<h1>Evaluation report</h1>",
-        "<p>Held-out test split; retention = student relative to teacher (1.0 = as good as the teacher).</p>",
-        _html_table(["metric", *names, "retention (student)"], metric_rows(report)),
+        _html_table(headline_header(report), headline_rows(report)),
+        f"<p>Held-out test split; retention = model relative to the teacher (1.0 = as good as "
+        f"the teacher); [95%] = bootstrap interval over items. Sample sizes: "
+        f"{html.escape(sample_sizes(report))}.</p>",
+        f"<p class='{'noisy' if noisy else 'quiet'}'>{html.escape(noise_note(report))}</p>",
+        "<h2>All metrics</h2>",
+        _html_table(metric_header(report), metric_rows(report)),
         *(_img(png, name) for name, png in figures.items() if name == "retention"),
         "<h2>Speed</h2><p>Batch 1, greedy decoding, medians after warm-up.</p>",
-        _html_table(["model", *SPEED_COLUMNS, "tokens/s vs teacher"], speed_rows(report)),
+        _html_table(SPEED_HEADER, speed_rows(report)),
         *(_img(png, name) for name, png in figures.items() if name == "latency"),
     ]
     if "training" in figures:
@@ -156,6 +283,7 @@ def render_html(report: dict, figures: dict[str, bytes]) -> str:
         "body{font-family:sans-serif;max-width:1100px;margin:2em auto}"
         "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;"
         "vertical-align:top}table.samples td{width:33%;font-size:90%}"
+        "p.noisy{background:#fff3cd;padding:6px}"
     )
     return (
         "<!DOCTYPE html><html><head><meta charset='utf-8'><title>nanodistill evaluation</title>"

@@ -167,7 +167,7 @@ def _compose(*overrides: str):
 
 def test_train_wiring_rejects_a_student_with_another_tokenizer(tmp_path, tokenizer):
     """`student.init=pretrained` with a different tokenizer fails in build_module, before fit."""
-    from distill.train import build_module
+    from distill.kd_setup import build_module
 
     other = copy.deepcopy(tokenizer)
     other.add_tokens(["<nanodistill-extra>"])
@@ -181,7 +181,7 @@ def test_train_wiring_rejects_a_student_with_another_tokenizer(tmp_path, tokeniz
 
 
 def test_train_wiring_maps_hidden_pairs_from_prune_json(tmp_path, tokenizer):
-    from distill.train import build_module
+    from distill.kd_setup import build_module
 
     (tmp_path / "student-init").mkdir()
     (tmp_path / "student-init" / "prune.json").write_text('{"kept_layers": [0, 2]}')

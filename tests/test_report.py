@@ -71,10 +71,35 @@ def check_report(out: Path, students: list[str]) -> dict:
     assert report["config"]["eval"]["blocks"] == SMALL["blocks"]
     assert "vqa_accuracy" not in report["models"]["teacher"]  # text models: no VQA section
 
+    for name in names:  # every metric: its sample size and a 95% bootstrap interval
+        for metric in TEXT_METRICS:
+            rec = report["intervals"][name][metric]
+            assert rec["value"] == pytest.approx(report["models"][name][metric]), (name, metric)
+            assert rec["n"] >= 1 and rec["unit"]
+            if rec["n"] >= 2:
+                assert rec["low"] <= rec["high"]
+    blocks = report["intervals"]["student"]["perplexity"]
+    assert blocks["n"] == SMALL["blocks"] and blocks["unit"] == "blocks"
+    assert blocks["low"] < blocks["value"] < blocks["high"]
+    for student in students:
+        assert set(report["retention_intervals"][student]) == set(TEXT_METRICS)
+    for name in names:
+        speed = report["speed"][name]
+        assert speed["runs"] >= 1 and isinstance(speed["noisy"], bool)
+    assert report["speed_noisy"] == any(report["speed"][n]["noisy"] for n in names)
+
     md = (out / "report.md").read_text()
     assert "| perplexity |" in md and "## Speed" in md and "## Sample generations" in md
     page = (out / "report.html").read_text()
     assert page.startswith("<!DOCTYPE html>")
+    # the first screen is the answer: sizes, bytes, speed, retention of every model, first
+    first_table = page[page.index("<table>") : page.index("</table>")]
+    for column in ("parameters", "weights MB", "tokens/s", "perplexity retention"):
+        assert column in first_table
+    for name in names:
+        assert f"<td>{name}</td>" in first_table
+    assert page.index("perplexity retention") < page.index("All metrics")
+    assert "Sample sizes:" in page and ("NOISY" in page) == report["speed_noisy"]
     # self-contained: every image inline, nothing fetched
     sources = re.findall(r'src="([^"]+)"', page)
     assert sources and all(s.startswith("data:image/png;base64,") for s in sources)
@@ -116,6 +141,43 @@ def test_evaluate_writes_report_with_training_curves_and_wandb(
     assert list(tmp_path.glob("wandb/offline-run-*/run-*.wandb"))
 
 
+def test_training_plots_keep_every_curve_visible():
+    """train/kd equal to train/loss (pure KD) on one axis would hide a curve: one panel each,
+    plus validation perplexity; the retention legend sits outside the bars."""
+    from eval.plots import retention_figure, training_figure
+
+    series = {
+        "train/loss": [(1, 3.0), (2, 2.0)],
+        "train/kd": [(1, 3.0), (2, 2.0)],
+        "val/perplexity": [(2, 40.0)],
+        "train/lr": [(1, 1e-4)],
+    }
+    fig = training_figure(series)
+    titles = sorted(ax.get_title() for ax in fig.axes if ax.get_visible())
+    assert titles == ["train/kd", "train/loss", "val/perplexity"]
+    fig = retention_figure({"student": {"perplexity": 0.5}, "student_int8": {"perplexity": 0.49}})
+    fig.canvas.draw()
+    (ax,) = fig.axes
+    legend = ax.get_legend().get_window_extent()
+    assert legend.x0 >= ax.get_window_extent().x1  # right of the plot area, over no bar
+
+
+def test_bootstrap_interval_covers_the_statistic_and_shrinks_with_more_items():
+    from eval.intervals import metric_interval, retention_interval
+    from eval.retention import RETENTION
+
+    coin = [1.0, 0.0] * 8  # 16 paragraphs, half right: a coin flip
+    small = metric_interval("coherence_probe", coin)
+    assert small["value"] == 0.5 and small["n"] == 16
+    assert small["low"] < 0.35 and small["high"] > 0.65  # wide: 0.5 on 16 says little
+    large = metric_interval("coherence_probe", coin * 16)
+    assert large["high"] - large["low"] < (small["high"] - small["low"]) / 2
+    teacher = [(2.0, 10)] * 8
+    student = [(3.0, 10), (3.4, 10)] * 4
+    ret = retention_interval("perplexity", teacher, student, RETENTION["perplexity"][0])
+    assert ret["low"] <= ret["value"] <= ret["high"] < 1
+
+
 def test_evaluate_needs_a_student(tokenizer, tiny_teacher_dir, tmp_path):
     teacher = AutoModelForCausalLM.from_pretrained(tiny_teacher_dir)
     with pytest.raises(ValueError, match="named 'student'"):
@@ -138,7 +200,9 @@ def test_cli_evaluates_run_dir_with_int8_student(tmp_path, tiny_teacher_dir, tin
 
     run_dir = tmp_path / "run"
     shutil.copytree(tiny_student_dir, run_dir / "student")
-    int8 = to_int8(AutoModelForCausalLM.from_pretrained(tiny_student_dir), build_scheme({}))
+    int8 = to_int8(
+        AutoModelForCausalLM.from_pretrained(tiny_student_dir), build_scheme({"embeddings": True})
+    )
     save_int8(int8, run_dir / "student-qat")  # compressed-tensors INT8, as the QAT stage writes
     write_metrics_csv(run_dir / "metrics" / "metrics.csv")
     overrides = [f"eval.{k}={v}" for k, v in SMALL.items()]
@@ -166,7 +230,11 @@ def test_int8_student_runs_on_int8_kernels(tmp_path, tiny_student_dir):
     from serve.int8 import Int8Linear
 
     save_int8(
-        to_int8(AutoModelForCausalLM.from_pretrained(tiny_student_dir), build_scheme({})), tmp_path
+        to_int8(
+            AutoModelForCausalLM.from_pretrained(tiny_student_dir),
+            build_scheme({"embeddings": True}),
+        ),
+        tmp_path,
     )
     fast = load_int8(str(tmp_path), "cpu")
     plain = load_int8(str(tmp_path), "cpu", int8_kernels=False)
@@ -209,7 +277,8 @@ def test_training_eval_stage_uses_recipe_config_and_skips_when_done(
     from eval.stage import eval_stage
 
     overrides = [f"eval.{k}={v}" for k, v in SMALL.items()]
-    cfg = compose_recipe(overrides=["logger=csv", *overrides])
+    data = ["data.seq_len=64", f"data.max_eval_blocks={SMALL['blocks']}"]  # eval scores these
+    cfg = compose_recipe(overrides=["logger=csv", *data, *overrides])
     assert cfg.eval._target_ == "eval.suite.EvalSettings"
     teacher = AutoModelForCausalLM.from_pretrained(tiny_teacher_dir).eval()
     student = AutoModelForCausalLM.from_pretrained(tiny_student_dir).eval()

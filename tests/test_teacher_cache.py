@@ -123,8 +123,8 @@ def test_cache_teacher_cli_then_train_from_it(tmp_path, tiny_teacher_dir):
 
     # train.py wiring: loss=topk_cached trains from that cache with no teacher in the module
     from distill.hydra_app import compose_recipe
+    from distill.kd_setup import build_datamodule, build_module
     from distill.models.loading import load_causal_lm, load_tokenizer
-    from distill.train import build_datamodule, build_module
 
     cfg = compose_recipe(overrides=[*common, "loss=topk_cached"])
     assert Path(cfg.loss.cache) == cache_dir

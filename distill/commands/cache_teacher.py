@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 def cache(cfg: DictConfig) -> dict:
     """Load teacher and data as `train` does and write the cache; returns its meta."""
-    from distill.train import build_datamodule
+    from distill.kd_setup import build_datamodule
     from distill.validate import check_recipe
 
     check_recipe(cfg, "cache-teacher")  # every knob (top_k vs the vocabulary, …) before loading

@@ -72,6 +72,16 @@ def main(argv: list[str]) -> int:
         cfg = compose(overrides=[f"+eval={args.get('eval', 'full')}", *overrides])
     settings = check_eval_command(cfg.eval, teacher_path, args.get("device", "auto"))  # no loading
     device = resolve_device(args.get("device", "auto"))
+    from eval.suite import expected_seconds
+
+    minutes = expected_seconds(settings, 2 if files["int8"] else 1) / 60
+    print(
+        f"eval={args.get('eval', 'full')}: {settings.blocks} blocks × {settings.seq_len} tokens, "
+        f"{settings.probe_paragraphs} probe paragraphs, {settings.prompts} prompts × "
+        f"{settings.new_tokens} tokens; expected about {minutes:.0f} min for a ~135M teacher on "
+        "2 CPU cores (eval=default is the quick preset)",
+        flush=True,
+    )
 
     tokenizer = load_tokenizer(teacher_path)
     teacher = load_model(teacher_path, device)
@@ -110,39 +120,24 @@ def main(argv: list[str]) -> int:
         metrics_csv=files["metrics_csv"],
         config=config,
         wandb_run=wandb_run,
+        model_dirs=runtime_dirs(teacher_path, files, device),
     )
     if wandb_run is not None:
         wandb_run.finish()
+    from distill.summary import print_headline
+
     print_headline(report)
     print(f"report: {Path(files['output_dir']) / 'report.html'}")
     return 0
 
 
-def print_headline(report: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
+def runtime_dirs(teacher_path: str, files: dict, device: str) -> dict[str, str] | None:
+    """Every model as a directory the serving runtime loads (speed is timed there), or None."""
+    from eval.stage import _teacher_dir
 
-    from eval.report import metric_rows, speed_rows
-
-    table = Table(title="teacher vs student (held-out test split)")
-    for col in ("metric", *report["models"], "retention"):
-        table.add_column(col, justify="left" if col == "metric" else "right")
-    for row in metric_rows(report):
-        table.add_row(*row)
-    speed = Table(title="speed (batch 1, greedy, medians)")
-    for col in (
-        "model",
-        "ttft ms",
-        "ms/token",
-        "tokens/s",
-        "weights MB",
-        "peak MB",
-        "tok/s vs teacher",
-    ):
-        speed.add_column(col, justify="left" if col == "model" else "right")
-    for row in speed_rows(report):
-        speed.add_row(*row)
-    console = Console()
-    console.print(table)
-    console.print(speed)
-    console.print(f"eval wall time: {report['seconds']['total']:.1f} s")
+    dirs = {"teacher": _teacher_dir(teacher_path), "student": files["student"]}
+    if files["int8"]:
+        dirs["student_int8"] = files["int8"]
+    if device != "cpu" or not all(d and (Path(d) / "config.json").exists() for d in dirs.values()):
+        return None
+    return dirs

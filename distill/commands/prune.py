@@ -19,10 +19,10 @@ from rich.console import Console
 from rich.table import Table
 
 from distill.hydra_app import run_hydra_app
+from distill.kd_setup import build_datamodule
 from distill.models.loading import load_causal_lm, load_tokenizer, resolve_device
 from distill.prune.plan import Dims
 from distill.prune.stage import prune_stage
-from distill.train import build_datamodule
 from distill.validate import check_recipe
 
 log = logging.getLogger(__name__)
