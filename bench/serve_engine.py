@@ -179,7 +179,9 @@ def main() -> None:
         engine = Engine(load_model(teacher), kv_memory_bytes=2 << 30)
         fp32 = [{"batch": b, "engine_tps": engine_decode_tps(engine, b)} for b in batches(args)]
         with tempfile.TemporaryDirectory() as tmp:
-            int8_teacher = export(teacher, Path(tmp) / "int8", quant="int8", scheme=Int8Scheme())
+            int8_teacher = export(
+                teacher, Path(tmp) / "int8", quant="int8", scheme=Int8Scheme(embeddings=True)
+            )
             engine8 = Engine(load_model(int8_teacher), kv_memory_bytes=2 << 30)
         results["teacher_int8_vs_fp32"] = int8_vs_fp32(engine, engine8, fp32)
         save(results, args.out)
@@ -205,7 +207,9 @@ def main() -> None:
 
     # INT8 (PTQ of the same teacher) vs fp32 on the same engine, at every batch size.
     with tempfile.TemporaryDirectory() as tmp:
-        int8_teacher = export(teacher, Path(tmp) / "int8", quant="int8", scheme=Int8Scheme())
+        int8_teacher = export(
+            teacher, Path(tmp) / "int8", quant="int8", scheme=Int8Scheme(embeddings=True)
+        )
         engine8 = Engine(load_model(int8_teacher), kv_memory_bytes=2 << 30)
     results["teacher_int8_vs_fp32"] = int8_vs_fp32(engine, engine8, results["decode"])
     results["bound"]["teacher int8"] = decode_vs_bound(engine8, bw)
@@ -220,7 +224,9 @@ def main() -> None:
         Engine(load_model(student), num_blocks=64), bw
     )
     with tempfile.TemporaryDirectory() as tmp:
-        int8_dir = export(student, Path(tmp) / "int8", quant="int8", scheme=Int8Scheme())
+        int8_dir = export(
+            student, Path(tmp) / "int8", quant="int8", scheme=Int8Scheme(embeddings=True)
+        )
         int8 = Engine(load_model(int8_dir), num_blocks=64)
         results["bound"]["student int8"] = decode_vs_bound(int8, bw)
 

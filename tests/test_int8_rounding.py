@@ -87,7 +87,7 @@ def test_qat_weights_land_on_the_exported_int8_grid(tiny_llama, tmp_path):
                 q, scale = quantize_weight(p)
                 ties += int((torch.round(p / scale).clamp(-128, 127) != q).sum())
     assert ties > 0  # a divide-then-round export would have disagreed with QAT here
-    scheme = Int8Scheme()
+    scheme = Int8Scheme(embeddings=True)
     qat = copy.deepcopy(tiny_llama)
     names = prepare_qat(qat, scheme)
     converted = to_int8(copy.deepcopy(tiny_llama), scheme)

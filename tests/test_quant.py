@@ -10,6 +10,7 @@ import torch
 
 from distill.quant import (
     Int8Scheme,
+    build_scheme,
     compressed_tensors_config,
     finish_qat,
     is_int8,
@@ -19,25 +20,37 @@ from distill.quant import (
 from serve.int8 import dequantize_weight, quantize_weight
 
 
+def load_quant_yaml(name: str = "qat-int8"):
+    from omegaconf import OmegaConf
+
+    from distill.paths import configs_dir
+
+    return OmegaConf.load(configs_dir() / "quant" / f"{name}.yaml")
+
+
 def _ids(vocab: int = 256) -> torch.Tensor:
     return torch.randint(0, vocab, (2, 12), generator=torch.Generator().manual_seed(1))
 
 
 def test_scheme_selects_modules(tiny_llama):
     all_linears = 4 * 7
-    assert len(Int8Scheme().linear_names(tiny_llama)) == all_linears + 1  # tied head follows table
-    assert Int8Scheme().embedding_names(tiny_llama) == ["model.embed_tokens"]
+    assert (
+        len(Int8Scheme(embeddings=True).linear_names(tiny_llama)) == all_linears + 1
+    )  # tied head follows table
+    assert Int8Scheme(embeddings=True).embedding_names(tiny_llama) == ["model.embed_tokens"]
     no_tables = Int8Scheme(embeddings=False)
     assert "lm_head" not in no_tables.linear_names(tiny_llama)
     assert no_tables.embedding_names(tiny_llama) == []
-    excluded = Int8Scheme(exclude=[r"mlp\.down_proj"]).linear_names(tiny_llama)
+    excluded = Int8Scheme(embeddings=True, exclude=[r"mlp\.down_proj"]).linear_names(tiny_llama)
     assert len(excluded) == all_linears + 1 - 4 and not any("down_proj" in n for n in excluded)
+    # the default (and configs/quant/*.yaml's): fp32 table and tied head, what vLLM loads
+    assert Int8Scheme() == no_tables == build_scheme({}) == build_scheme(load_quant_yaml())
     config = compressed_tensors_config(no_tables, tiny_llama)
     assert set(config.ignore) == {"lm_head", "model.embed_tokens"}
 
 
 def test_qat_fake_quant_uses_the_export_grid(tiny_llama):
-    prepare_qat(tiny_llama, Int8Scheme())
+    prepare_qat(tiny_llama, Int8Scheme(embeddings=True))
     q_proj = tiny_llama.model.layers[0].self_attn.q_proj
     assert type(q_proj).__name__ == "FakeQuantizedLinear"
     assert tiny_llama.lm_head.weight is tiny_llama.model.embed_tokens.weight  # still tied
@@ -86,7 +99,7 @@ def test_qat_model_matches_converted_int8_model(tiny_llama, embeddings):
 
 def test_ptq_puts_weights_on_int8_grid(tiny_llama):
     w = tiny_llama.model.layers[1].mlp.up_proj.weight.detach().clone()
-    to_int8(tiny_llama, Int8Scheme())
+    to_int8(tiny_llama, Int8Scheme(embeddings=True))
     module = tiny_llama.model.layers[1].mlp.up_proj
     q = torch.round(module.weight / module.weight_scale)
     torch.testing.assert_close(module.weight, q * module.weight_scale)

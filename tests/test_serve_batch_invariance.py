@@ -43,7 +43,7 @@ def model(request, tmp_path_factory):
     if request.param == "fp32":
         return load_model(teacher_dir())
     out = tmp_path_factory.mktemp("teacher-int8") / "export"
-    model = load_model(export(teacher_dir(), out, quant="int8", scheme=Int8Scheme()))
+    model = load_model(export(teacher_dir(), out, quant="int8", scheme=Int8Scheme(embeddings=True)))
     assert all(isinstance(layer.qkv, Int8Linear) and layer.qkv.is_fast for layer in model.layers)
     return model
 

@@ -23,7 +23,7 @@ def check_quant(cfg, p: Problems) -> None:
 
 
 def check_int8_scheme(quant, p: Problems, prefix: str = "quant") -> None:
-    p.boolean(f"{prefix}.embeddings", get_knob(quant, "embeddings", True))
+    p.boolean(f"{prefix}.embeddings", get_knob(quant, "embeddings", False))
     p.boolean(f"{prefix}.lm_head", get_knob(quant, "lm_head", True))
     exclude = plain(get_knob(quant, "exclude")) or []
     if not isinstance(exclude, list):
