@@ -11,7 +11,11 @@ import pytest
 import torch
 
 QUICK = [
+    # the default student is a 0.5 budget (minitron-half); the tiny teacher is mostly its
+    # embedding table, so pin explicit dims (width and depth pruned) instead
+    "student.params=null",
     "student.num_hidden_layers=2",
+    "student.hidden_size=48",
     "student.calibration_blocks=4",
     "data.seq_len=32",
     "data.batch_size=2",
@@ -29,6 +33,8 @@ QUICK = [
     "eval.speed_prompts=1",
     "eval.speed_new_tokens=2",
     "eval.speed_repeats=1",
+    "eval.speed_rounds=1",
+    "quant.steps=2",  # the default chain includes KD-QAT int8
 ]
 
 
@@ -53,7 +59,8 @@ def only_run_dir(tmp_path: Path) -> Path:
     return run_dir
 
 
-def test_train_writes_loadable_student_and_run_dir(tmp_path, tiny_teacher_dir):
+def test_default_chain_writes_every_stage_and_an_int8_export(tmp_path, tiny_teacher_dir):
+    """The default recipe is the whole chain: prune → KD → QAT int8 → eval → int8 export."""
     result = run_train(tmp_path, tiny_teacher_dir, "trainer.max_steps=4")
     assert "teacher vs student" in result.stdout
     run_dir = only_run_dir(tmp_path)
@@ -64,8 +71,11 @@ def test_train_writes_loadable_student_and_run_dir(tmp_path, tiny_teacher_dir):
         "student-init/config.json",
         "checkpoints/last.ckpt",
         "student/config.json",
+        "student-ptq/config.json",
+        "student-qat/config.json",
         "metrics.json",
         "metrics/metrics.csv",
+        "metrics-qat/metrics.csv",
         "export/serving.json",
         "export/config.json",
         "report/report.json",
@@ -73,33 +83,79 @@ def test_train_writes_loadable_student_and_run_dir(tmp_path, tiny_teacher_dir):
     ):
         assert (run_dir / rel).exists(), rel
     serving = json.loads((run_dir / "export" / "serving.json").read_text())
-    assert serving["quantization"] == "none" and serving["chat_template"]
+    assert serving["quantization"] == "int8" and serving["chat_template"]
+    assert serving["model"] == f"nano-text-{run_dir.name}"  # recipe + run, not "export"
+    # the default int8 export is the one vLLM loads: fp32 embedding table, tied head
+    from safetensors.torch import load_file
+
+    tensors = load_file(run_dir / "export" / "model.safetensors")
+    assert tensors["model.embed_tokens.weight"].dtype == torch.float32
+    assert "lm_head.weight" not in tensors
+    assert tensors["model.layers.0.mlp.down_proj.weight"].dtype == torch.int8
+    export_config = json.loads((run_dir / "export" / "config.json").read_text())
+    assert export_config["tie_word_embeddings"] is True
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     student = AutoModelForCausalLM.from_pretrained(run_dir / "student")
-    assert student.config.num_hidden_layers == 2
+    assert student.config.num_hidden_layers == 2 and student.config.hidden_size == 48
     assert AutoTokenizer.from_pretrained(run_dir / "student").chat_template
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert set(metrics["models"]) == {"teacher", "student (pruned only)", "student (distilled)"}
+    assert list(metrics["models"]) == [
+        "teacher",
+        "student (pruned only)",
+        "student (distilled)",
+        "student (ptq int8)",
+        "student (qat int8)",
+    ]
     assert (
         metrics["models"]["student (distilled)"]["parameters"]
         < metrics["models"]["teacher"]["parameters"]
     )
+    assert list(metrics["stage_seconds"]) == [
+        "setup", "prune", "distill", "quant", "eval", "export", "total"
+    ]  # fmt: skip
     csv_text = (run_dir / "metrics" / "metrics.csv").read_text()
     for column in ("train/loss", "train/lr", "train/tokens_per_s", "val/perplexity"):
         assert column in csv_text
     split = json.loads((run_dir / "data_split.json").read_text())
     assert split["counts"]["test"] > 0 and split["test_keys"]
 
+    # one perplexity per model: the report scores the same test blocks as metrics.json
+    report = json.loads((run_dir / "report" / "report.json").read_text())
+    for name, label in (("teacher", "teacher"), ("student", "student (distilled)"),
+                        ("student_int8", "student (qat int8)")):  # fmt: skip
+        assert report["models"][name]["perplexity"] == pytest.approx(
+            metrics["models"][label]["perplexity"], rel=1e-4
+        )
+        assert report["models"][name]["tokens"] == metrics["models"][label]["tokens"]
+    # speed on the serving runtime, int8 student on its int8 kernels
+    assert {s["runtime"] for s in report["speed"].values()} == {"serve engine"}
+    assert report["speed"]["student_int8"]["path"].endswith("student-qat")
+
+    # stdout is a pipe here: a progress line every few steps, for both training stages
+    lines = result.stdout.splitlines()
+    assert any(line.startswith("distill step 4/4  loss ") and "ETA" in line for line in lines)
+    assert any(line.startswith("qat step 2/2  loss ") for line in lines)
+    # what is not the user's business stays out of the output
+    output = result.stdout + result.stderr
+    for noise in ("_pytree", "LeafSpec", "GPU available", "litlogger", "anonymous"):
+        assert noise not in output, noise
+    assert not [line for line in result.stderr.splitlines() if line.startswith("INFO:")]
+
+    # `python -m distill serve` with no model= picks this export up
+    from distill.commands.serve import newest_export
+
+    assert newest_export(tmp_path / "outputs") == run_dir / "export"
+
 
 def test_resume_continues_from_last_checkpoint(tmp_path, tiny_teacher_dir):
-    run_train(tmp_path, tiny_teacher_dir, "trainer.max_steps=2")
+    run_train(tmp_path, tiny_teacher_dir, "trainer.max_steps=2", "quant=none")
     run_dir = only_run_dir(tmp_path)
     first = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
     assert first["global_step"] == 2
     (run_dir / "student" / "config.json").unlink()  # the distill stage is then incomplete
-    run_train(tmp_path, tiny_teacher_dir, "trainer.max_steps=4", "resume=true")
+    run_train(tmp_path, tiny_teacher_dir, "trainer.max_steps=4", "resume=true", "quant=none")
     assert only_run_dir(tmp_path) == run_dir  # continued in place, no new run dir
     second = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
     assert second["global_step"] == 4
@@ -116,6 +172,7 @@ def test_multirun_sweeps_overrides(tmp_path, tiny_teacher_dir):
         f"output_root={tmp_path / 'outputs'}",
         *QUICK,
         "trainer.max_steps=1",
+        "quant=none",
         "loss.temperature=1.0,2.0",
     ]
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600)
