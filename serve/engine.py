@@ -67,6 +67,7 @@ class Engine:
         eos_token_ids: Seq[int] | None = None,
         vision: Idefics3Vision | None = None,
         background_tokens_per_step: int = 8,
+        batch_tokens_per_step: int = 128,
     ):
         self.model, self.tokenizer, self.args = model, tokenizer, model.args
         self.vision = vision
@@ -76,8 +77,9 @@ class Engine:
         self.kv = KVPool(a, num_blocks * block_size, dtype=model.norm.dtype)
         self.pool = BlockPool(num_blocks, block_size)
         self.scheduler = Scheduler(
-            self.pool, max_tokens_per_step, max_seqs, background_tokens_per_step
-        )
+            self.pool, max_tokens_per_step, max_seqs, background_tokens_per_step,
+            batch_tokens_per_step,
+        )  # fmt: skip
         self.eos = set(a.eos_token_ids if eos_token_ids is None else eos_token_ids)
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()

@@ -9,9 +9,10 @@ sequences have reserved, so nothing is preempted mid-generation; a request that 
 fit is rejected when it is added.
 
 Priority: every request has one (0 = interactive, higher = less urgent, e.g. batch lines).
-Work and admission go in priority order (then arrival), and while more urgent work exists
-the less urgent gets at most `background_tokens_per_step` tokens a step, so a large batch
-cannot slow an interactive stream by much: it runs in the spare room.
+Work and admission go in priority order (then arrival). Background work (priority > 0) shares
+an allowance of tokens a step: `background_tokens_per_step` while any interactive request
+exists, so a large batch slows an interactive stream little, else `batch_tokens_per_step`, so
+steps stay short and an interactive request that arrives waits at most one short step.
 """
 
 from __future__ import annotations
@@ -113,15 +114,17 @@ class Scheduler:
         max_tokens_per_step: int = 512,
         max_seqs: int = 64,
         background_tokens_per_step: int = 8,
+        batch_tokens_per_step: int = 128,
     ):
         self.pool = pool
         self.block_size = pool.block_size
         self.max_tokens_per_step = max_tokens_per_step
         self.max_seqs = max_seqs
-        # Tokens a step that less urgent requests may use while more urgent ones exist: a
-        # decode step's cost grows with its rows, so this caps what a batch adds to an
-        # interactive stream's inter-token latency.
+        # On a CPU a step's time grows with its tokens: these cap what background work adds
+        # to an interactive stream's inter-token latency (while one runs) and to an arriving
+        # request's time to first token (the step it waits for).
         self.background_tokens_per_step = background_tokens_per_step
+        self.batch_tokens_per_step = batch_tokens_per_step
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
 
@@ -176,13 +179,13 @@ class Scheduler:
     def schedule(self) -> list[Work]:
         """This step's work, decodes first; empty when nothing can run."""
         budget = self.max_tokens_per_step
-        top = min((s.request.priority for s in (*self.running, *self.waiting)), default=0)
-        background = self.background_tokens_per_step
+        interactive = any(s.request.priority == 0 for s in (*self.running, *self.waiting))
+        background = self.background_tokens_per_step if interactive else self.batch_tokens_per_step
 
         def take(seq: Sequence) -> int:
             nonlocal budget, background
             count = min(len(seq.tokens) - seq.num_computed, budget)
-            if seq.request.priority > top:
+            if seq.request.priority > 0:
                 count = min(count, background)
                 background -= count
             budget -= count
@@ -202,7 +205,7 @@ class Scheduler:
         waiting = sorted(self.waiting, key=lambda s: s.request.priority)
         while budget > 0 and len(self.running) < self.max_seqs:
             seq = next((s for s in waiting if not self._deferred(s)), None)
-            if seq is None or (seq.request.priority > top and background == 0):
+            if seq is None or (seq.request.priority > 0 and background == 0):
                 break
             if not self._admit(seq):
                 break  # first come, first served: later requests wait behind it

@@ -48,11 +48,17 @@ def test_batch_gets_only_the_background_allowance_while_interactive_runs(model_d
     assert sum(by_req.get(r.request_id, 0) for r in batch) == 4
     engine.scheduler.commit(work)  # (no forward pass needed to check the allocation)
 
-    # Alone, the batch uses the whole step budget.
-    alone = engine_for(model_dir, max_tokens_per_step=64, background_tokens_per_step=4)
+    # Alone, the batch gets its own allowance: steps stay short for whoever arrives next.
+    alone = engine_for(model_dir, max_tokens_per_step=64, background_tokens_per_step=4,
+                       batch_tokens_per_step=40)  # fmt: skip
     for i in range(6):
         alone.add_request([9 + i] * 12, GREEDY, priority=BATCH)
-    assert sum(w.count for w in alone.scheduler.schedule()) == 64
+    assert sum(w.count for w in alone.scheduler.schedule()) == 40
+    # An interactive request that arrives is admitted at the next step, ahead of the batch.
+    late = alone.add_request([4] * 20, GREEDY)
+    work = alone.scheduler.schedule()
+    assert sum(w.count for w in work if w.seq.request is late) == 20
+    assert sum(w.count for w in work if w.seq.request is not late) <= 4
 
 
 def test_priorities_do_not_change_outputs(model_dir):
