@@ -210,6 +210,17 @@ def test_cancel_stops_remaining_lines_and_keeps_finished_ones(live, alice):
                for r in out)  # fmt: skip
 
 
+def test_cancel_right_after_create_lists_every_line_once(alice):
+    lines = [chat_line(f"k{i}", f"Story {i}", max_tokens=300) for i in range(20)]
+    batch = run_batch(alice, lines, wait=False)
+    alice.batches.cancel(batch.id)  # most likely still validating: no line has run yet
+    batch = finished(alice, batch.id)
+    assert batch.status == "cancelled"
+    out, err = records(alice, batch.output_file_id), records(alice, batch.error_file_id)
+    assert sorted(r["custom_id"] for r in out + err) == sorted(x["custom_id"] for x in lines)
+    assert {r["error"]["code"] for r in err} == {"batch_cancelled"}
+
+
 def test_expired_window_fails_unfinished_lines(alice):
     lines = [chat_line(f"e{i}", f"Story {i}", max_tokens=600) for i in range(30)]
     batch = run_batch(alice, lines, window="1s")

@@ -89,10 +89,8 @@ class BatchRunner:
 
     async def _process(self, batch_id: str) -> None:
         row = self.store.row(batch_id)
-        if row["status"] == "validating":
-            if time.time() >= row["expires_at"]:
-                return self._stop(row, "expired", [])
-            if not await self._validate(row):
+        if row["in_progress_at"] is None:  # not validated yet (perhaps cancelled or expired
+            if not await self._validate(row):  # meanwhile: its lines get their errors then)
                 return
             row = self.store.row(batch_id)
         if row["status"] in ("in_progress", "cancelling"):

@@ -209,8 +209,9 @@ class BatchStore:
                 "INSERT INTO lines (batch_id, line, custom_id, body, state) VALUES (?,?,?,?,?)",
                 rows,
             )
-            self._db.execute(
-                "UPDATE batches SET status = 'in_progress', in_progress_at = ? WHERE id = ?",
+            self._db.execute(  # a batch cancelled while validating stays `cancelling`
+                "UPDATE batches SET in_progress_at = ?, status = CASE status WHEN 'validating'"
+                " THEN 'in_progress' ELSE status END WHERE id = ?",
                 (now(), batch_id),
             )
             self._db.execute("COMMIT")
