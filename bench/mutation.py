@@ -15,6 +15,9 @@ Run it in a clean checkout, not a working tree others are editing (the copy unde
     git worktree add --detach /tmp/mut HEAD && cd /tmp/mut
     python bench/mutation.py --lock /tmp/nanodistill-heavy.lock --out /work/main/bench/results/mutation.json
 
+"seconds" is the time mutmut ran (lock waits are recorded apart); the "stats" run is the
+one-off copy of the tree plus one pass of the whole test selection that maps tests to functions.
+
 `--report-only` rereads `mutants/` without running anything. Timeouts count as killed (the
 mutant hangs the tests, which notice); "no tests" counts as surviving.
 """
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import fcntl
 import json
 import os
 import re
@@ -30,6 +34,8 @@ import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,22 +49,102 @@ MODULES = (
     "serve.scheduler",
     "serve.engine",
 )
+# The fast tests that guard each module. mutmut's stats map every function to the tests that
+# reach it (through the engine, that is nearly all of them); the map is narrowed to these files
+# before each module runs, so a surviving mutant costs seconds, not the whole selection.
+MODULE_TESTS = {
+    "serve.prefix_cache": ("test_serve_prefix_cache.py", "test_serve_scheduler.py"),
+    "serve.sampler": ("test_serve_sampler.py",),
+    "distill.losses": ("test_losses.py",),
+    "distill.quant": ("test_quant.py", "test_quant_scheme.py", "test_int8_rounding.py"),
+    "serve.scheduler": (
+        "test_serve_scheduler.py", "test_batch_priority.py", "test_serve_abort.py",
+        "test_serve_engine.py",
+    ),
+    "serve.engine": (
+        "test_serve_engine.py", "test_serve_abort.py", "test_serve_stop.py", "test_serve_vlm.py",
+    ),
+}  # fmt: skip
+# A handful of mutants whose run makes mutmut write its mutants/ tree and test stats.
+BOOTSTRAP = "serve.prefix_cache.x_image_digest__mutmut_*"
 CAUGHT = {"killed", "timeout", "caught by type check", "segfault"}
 
 # Surviving mutants that no test can kill because the program behaves the same: mutant name →
 # (text the mutated line must contain, so a renumbered mutant is not silently excused; why).
-EQUIVALENT: dict[str, tuple[str, str]] = {}
+_OPAQUE_KEY = (
+    "block keys are opaque and only compared with each other: a digest of another length is "
+    "another collision-free hash, and every key (and image digest) is made by the same code"
+)
+_DOMAIN_TAG = (
+    "a constant domain-separation prefix: any other constant keeps keys of different kinds "
+    "apart in the same way"
+)
+EQUIVALENT: dict[str, tuple[str, str]] = {
+    "serve.prefix_cache.x_image_digest__mutmut_4": ("blake2b(data, )", _OPAQUE_KEY),
+    "serve.prefix_cache.x_image_digest__mutmut_5": ("digest_size=17", _OPAQUE_KEY),
+    "serve.prefix_cache.x_root_key__mutmut_4": ("salt.encode(), )", _OPAQUE_KEY),
+    "serve.prefix_cache.x_root_key__mutmut_6": ('b"XXroot', _DOMAIN_TAG),
+    "serve.prefix_cache.x_root_key__mutmut_7": ('b"ROOT', _DOMAIN_TAG),
+    "serve.prefix_cache.x_root_key__mutmut_8": ("digest_size=17", _OPAQUE_KEY),
+    "serve.prefix_cache.x_block_key__mutmut_5": ("blake2b(parent, )", _OPAQUE_KEY),
+    "serve.prefix_cache.x_block_key__mutmut_6": ("digest_size=17", _OPAQUE_KEY),
+    "serve.prefix_cache.x_block_key__mutmut_9": (
+        "dtype=None",
+        "numpy's default integer for a list of Python ints is int64 on Linux x86-64 (the "
+        "supported platform), the dtype the line names",
+    ),
+    "serve.prefix_cache.x_block_key__mutmut_11": (
+        "np.asarray(token_ids, )",
+        "numpy's default integer for a list of Python ints is int64 on Linux x86-64 (the "
+        "supported platform), the dtype the line names",
+    ),
+    "serve.prefix_cache.x_block_key__mutmut_14": ('b"XXimg', _DOMAIN_TAG),
+    "serve.prefix_cache.x_block_key__mutmut_15": ('b"IMG', _DOMAIN_TAG),
+}
 
 
-def run_module(module: str, lock: str | None, children: int) -> tuple[float, int]:
-    """`mutmut run` for one module's mutants; returns (seconds, exit code)."""
-    cmd = ["mutmut", "run", "--max-children", str(children), f"{module}.*"]
-    if lock:
-        cmd = ["flock", lock, *cmd]
-    start = time.perf_counter()
+def narrow_stats() -> None:
+    """Keep, for each mutated function, only the tests of its module's MODULE_TESTS files."""
+    path = ROOT / "mutants" / "mutmut-stats.json"
+    stats = json.loads(path.read_text())
+    tests = stats["tests_by_mangled_function_name"]
+    for function, names in tests.items():
+        keep = MODULE_TESTS.get(module_of(function), ())
+        tests[function] = [t for t in names if t.split("::")[0].removeprefix("tests/") in keep]
+    path.write_text(json.dumps(stats))
+
+
+@contextmanager
+def holding(lock: str | None) -> Iterator[None]:
+    """Hold an exclusive flock on `lock` (if given) for the duration."""
+    if lock is None:
+        yield
+        return
+    with open(lock, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def mutmut(pattern: str, lock: str | None, children: int) -> dict:
+    """`mutmut run` for the mutants matching `pattern` under the lock: seconds waited for the
+    lock, seconds run, the load average when it started, mutmut's exit code."""
+    cmd = ["mutmut", "run", "--max-children", str(children), pattern]
     env = {**os.environ, "PYTHONHASHSEED": "0"}
-    rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, check=False).returncode
-    return time.perf_counter() - start, rc
+    asked = time.perf_counter()
+    with holding(lock):
+        start = time.perf_counter()
+        load = os.getloadavg()[0]
+        done = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, check=False)
+        end = time.perf_counter()
+    return {
+        "lock_wait_seconds": round(start - asked, 1),
+        "seconds": round(end - start, 1),
+        "load_1min_at_start": load,
+        "exit_code": done.returncode,
+    }
 
 
 def statuses() -> dict[str, str]:
@@ -168,15 +254,17 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    seconds: dict[str, float] = {}
-    load = {}
+    runs: dict[str, dict] = {}
     if not args.report_only:
+        if not (ROOT / "mutants" / "mutmut-stats.json").exists():
+            runs["stats"] = mutmut(BOOTSTRAP, args.lock, args.children)
+            print(f"mutants and test stats: {runs['stats']}", flush=True)
         for module in args.modules:
-            load[module] = os.getloadavg()[0]  # before the lock: how busy the machine was
-            seconds[module], rc = run_module(module, args.lock, args.children)
-            print(f"{module}: {seconds[module]:.0f}s (mutmut exit {rc})", flush=True)
-    result = report(seconds)
-    result["load_1min_before_each_module"] = load
+            narrow_stats()
+            runs[module] = mutmut(f"{module}.*", args.lock, args.children)
+            print(f"{module}: {runs[module]}", flush=True)
+    result = report({name: run["seconds"] for name, run in runs.items()})
+    result["runs"] = runs
     result["mutmut"] = version("mutmut")
     result["config"] = "pyproject.toml [tool.mutmut]"
     result["provenance"] = provenance(libraries=("mutmut",))

@@ -98,3 +98,11 @@ def test_only_full_blocks_get_keys_and_a_resumed_chain_matches():
     full = block_keys(TOKENS, 8)
     assert len(full) == 8 and block_keys(TOKENS[:24], 8) == full[:3]
     assert block_keys(TOKENS, 8, parent=full[4], first_block=5) == full[5:]
+
+
+def test_the_default_salt_is_the_empty_tenant():
+    """Callers that pass no salt share keys with the engine's default (salt ""); any named
+    tenant, whatever its name, gets keys of its own."""
+    assert block_keys(TOKENS, 16) == block_keys(TOKENS, 16, salt="")
+    for name in ("XXXX", "root", " "):
+        assert block_keys(TOKENS, 16, salt=name)[0] != block_keys(TOKENS, 16)[0]
