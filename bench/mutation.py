@@ -244,6 +244,9 @@ def main() -> None:
     parser.add_argument("--modules", nargs="*", default=list(MODULES), choices=MODULES)
     parser.add_argument("--lock", default=None, help="flock this file around each module's run")
     parser.add_argument("--children", type=int, default=1)
+    parser.add_argument(
+        "--one-lock", action="store_true", help="hold the lock across all --modules at once"
+    )
     parser.add_argument("--report-only", action="store_true")
     parser.add_argument("--out", default="bench/results/mutation.json")
     args = parser.parse_args()
@@ -254,15 +257,19 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    runs: dict[str, dict] = {}
+    out = Path(args.out)
+    # Runs of modules not rerun now are kept from an earlier invocation writing the same file.
+    runs: dict[str, dict] = json.loads(out.read_text()).get("runs", {}) if out.exists() else {}
     if not args.report_only:
-        if not (ROOT / "mutants" / "mutmut-stats.json").exists():
-            runs["stats"] = mutmut(BOOTSTRAP, args.lock, args.children)
-            print(f"mutants and test stats: {runs['stats']}", flush=True)
-        for module in args.modules:
-            narrow_stats()
-            runs[module] = mutmut(f"{module}.*", args.lock, args.children)
-            print(f"{module}: {runs[module]}", flush=True)
+        outer, inner = (args.lock, None) if args.one_lock else (None, args.lock)
+        with holding(outer):
+            if not (ROOT / "mutants" / "mutmut-stats.json").exists():
+                runs["stats"] = mutmut(BOOTSTRAP, inner, args.children)
+                print(f"mutants and test stats: {runs['stats']}", flush=True)
+            for module in args.modules:
+                narrow_stats()
+                runs[module] = mutmut(f"{module}.*", inner, args.children)
+                print(f"{module}: {runs[module]}", flush=True)
     result = report({name: run["seconds"] for name, run in runs.items()})
     result["runs"] = runs
     result["mutmut"] = version("mutmut")
@@ -279,7 +286,6 @@ def main() -> None:
                                         "equivalent", "surviving_pct", "seconds")),
         )  # fmt: skip
     Console().print(table)
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
     print(f"wrote {out} ({shlex.join(sys.argv)})")

@@ -171,3 +171,82 @@ def test_background_waits_to_be_admitted_once_its_allowance_is_spent():
     add(sched, range(20, 30), max_tokens=4, priority=1, rid="b2")
     assert step(sched) == [("chat", 0, 0, 4), ("b2", 0, 0, 3)]
     assert [s.request.request_id for s in sched.waiting] == ["b1"]
+
+
+def test_a_sequence_holding_all_its_blocks_reserves_nothing_more():
+    """4 blocks of 4: a (6 + 2 tokens) holds both its blocks after its prefill, so b (4 + 4
+    tokens, 2 blocks) fits in the other two at once."""
+    sched = scheduler(num_blocks=4, block_size=4)
+    add(sched, range(6), max_tokens=2, rid="a")
+    assert step(sched) == [("a", 0, 0, 6)]
+    add(sched, range(50, 54), max_tokens=4, rid="b")
+    assert step(sched) == [("a", 0, 6, 1), ("b", 0, 0, 4)]
+
+
+def test_cached_blocks_a_request_reuses_count_once_against_memory():
+    """Evictable cached blocks are both 'available' and the request's prefix hits: counted once,
+    a request that needs more than the pool can still give waits instead of overcommitting."""
+    sched = scheduler(num_blocks=8, block_size=4)
+    add(sched, range(9), max_tokens=1, rid="warm")
+    step(sched)  # caches 2 full prompt blocks, then finishes: they become evictable
+    add(sched, range(50, 54), max_tokens=4, rid="other")  # 2 blocks over its life
+    step(sched)
+    big = add(sched, range(9), max_tokens=19, rid="big")  # 28 tokens = 7 blocks, 2 cached
+    # 7 available (1 held by "other") - 2 reused - 1 still reserved by "other" = 4 < 5 needed
+    assert [w[0] for w in step(sched)] == ["other"]
+    assert big.seqs[0].status is Status.WAITING
+    while sched.running:
+        step(sched)
+    assert step(sched) == [("big", 0, 8, 1)] and big.cached_tokens == 8
+
+
+def test_images_are_part_of_the_prefix_lookup():
+    from serve.prefix_cache import ImageSpan, image_digest
+
+    sched = scheduler(num_blocks=16, block_size=4)
+    cat = (ImageSpan(0, 4, image_digest(b"cat")),)
+    first = add(sched, range(9), max_tokens=1, rid="cat")
+    first.images = cat
+    step(sched)
+    dog = add(sched, range(9), max_tokens=1, rid="dog")
+    dog.images = (ImageSpan(0, 4, image_digest(b"dog")),)
+    assert step(sched) == [("dog", 0, 0, 9)]  # same tokens, another image: no reuse
+    again = add(sched, range(9), max_tokens=1, rid="cat-again")
+    again.images = cat
+    assert step(sched) == [("cat-again", 0, 8, 1)]
+
+
+def test_every_decode_gets_its_token_when_the_budget_is_exactly_enough():
+    sched = scheduler(budget=3)
+    for rid in "abc":
+        add(sched, [1], max_tokens=4, rid=rid)
+    assert step(sched) == [("a", 0, 0, 1), ("b", 0, 0, 1), ("c", 0, 0, 1)]
+    assert step(sched) == [("a", 0, 1, 1), ("b", 0, 1, 1), ("c", 0, 1, 1)]
+
+
+def test_admission_uses_the_budget_to_its_last_token_and_no_further():
+    sched = scheduler(budget=5)
+    add(sched, range(4), rid="a")
+    add(sched, range(10, 16), rid="b")
+    add(sched, range(20, 23), rid="c")
+    assert step(sched) == [("a", 0, 0, 4), ("b", 0, 0, 1)]  # b starts with the last token
+    assert [s.request.request_id for s in sched.waiting] == ["c"]  # budget spent: c waits
+
+
+def test_an_interactive_request_is_admitted_while_a_batch_runs():
+    sched = scheduler(budget=16, background=3)
+    add(sched, range(20), max_tokens=4, priority=1, rid="batch")
+    assert step(sched) == [("batch", 0, 0, 16)]
+    add(sched, range(100, 105), max_tokens=4, priority=0, rid="chat")
+    assert step(sched) == [("batch", 0, 16, 3), ("chat", 0, 0, 5)]
+
+
+def test_scheduler_defaults_are_the_engines():
+    import inspect
+
+    from serve.engine import Engine
+
+    engine = inspect.signature(Engine.__init__).parameters
+    sched = Scheduler(BlockPool(4, 4))
+    for name in ("max_tokens_per_step", "max_seqs", "background_tokens_per_step"):
+        assert getattr(sched, name) == engine[name].default, name
