@@ -15,6 +15,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from distill.paths import configs_dir, recipes_dir
+from distill.precision import resolve_trainer_precision
 from distill.rundir import register_resolvers
 from distill.validate import ConfigError
 
@@ -47,6 +48,7 @@ def run_hydra_app(task: Callable[[DictConfig, Path], object], argv: Sequence[str
     @hydra.main(config_path=str(recipes_dir()), config_name=DEFAULT_RECIPE, version_base="1.3")
     def _app(cfg: DictConfig) -> None:
         try:
+            resolve_trainer_precision(cfg)
             task(cfg, Path(HydraConfig.get().runtime.output_dir))
         except ConfigError as e:  # the knobs at fault, without a traceback
             raise SystemExit(f"error: {e}") from e

@@ -14,7 +14,7 @@ DEVICES = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 ACCELERATORS = ("cpu", "gpu", "cuda", "mps", "auto")
 PRECISIONS = (
     "32-true", "32", 32, "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true", "64", 64,
-    "transformer-engine",
+    "transformer-engine", "auto",
 )  # fmt: skip
 
 
