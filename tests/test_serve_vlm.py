@@ -135,3 +135,44 @@ def test_image_bytes_are_part_of_the_prefix_cache_key(vlm):
     assert run(changed).usage["cached_tokens"] == 8  # only the block before the image is shared
     with pytest.raises(ValueError, match="image tokens"):
         engine.add_request(prompt, greedy, pixel_values=torch.randn(2, 3, 64, 64))
+
+
+def test_prefill_chunks_that_cut_through_an_image_give_the_same_bits(vlm):
+    """Chunks of 12 tokens over a prompt whose image tokens sit at 10..17: one chunk ends and
+    the next starts inside the image. Tokens and logprobs equal the one-chunk prefill."""
+    path, _ = vlm
+    prompt = prompt_with_images(2)
+    pixels = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(4))
+    params = SamplingParams(max_tokens=4, temperature=0, logprobs=True)
+
+    def run(**engine_kwargs):
+        engine = Engine.from_pretrained(path, num_blocks=32, block_size=8, **engine_kwargs)
+        req = engine.add_request(prompt, params, pixel_values=pixels)
+        steps = 0
+        while engine.has_work():
+            engine.step()
+            steps += 1
+        return Engine.collect(req)[0], steps
+
+    (whole, one), (chunked, many) = run(), run(max_tokens_per_step=12)
+    assert many > one + 2  # the 38-token prompt really took 4 prefill steps
+    assert chunked.token_ids == whole.token_ids and chunked.logprobs == whole.logprobs
+
+
+def test_an_image_starting_on_a_blocks_last_token_is_part_of_that_blocks_key(vlm):
+    path, _ = vlm
+    engine = Engine.from_pretrained(path, num_blocks=32, block_size=8)
+    g = torch.Generator().manual_seed(5)
+    text = torch.randint(0, 290, (20,), generator=g).tolist()
+    prompt = text[:7] + [IMAGE_TOKEN] * PER_IMAGE + text[7:]  # image tokens at 7..10
+    greedy = SamplingParams(max_tokens=2, temperature=0)
+
+    def cached(seed: int) -> int:
+        px = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(seed))
+        req = engine.add_request(prompt, greedy, pixel_values=px)
+        while engine.has_work():
+            engine.step()
+        return Engine.collect(req)[0].usage["cached_tokens"]
+
+    assert cached(1) == 0 and cached(1) == 16
+    assert cached(2) == 0  # another image: not even block 0 (7 text tokens + 1 image token)
