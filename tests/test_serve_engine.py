@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -365,3 +367,57 @@ def test_collect_returns_text_logprobs_and_finish_per_choice(model_dir):
     assert Engine.collect(req) == [
         Completion([], "", None, [], [], None) for _ in range(2)
     ]  # drained: nothing left
+
+
+def test_error_messages_are_exact(model_dir):
+    engine = Engine.from_pretrained(model_dir, num_blocks=8, block_size=8)
+    for prompt, params, kwargs, message in [
+        ([], GREEDY, {}, "prompt is empty"),
+        ([1], SamplingParams(stop=("x",)), {}, "stop strings need a tokenizer; this engine has none"),
+        ([1], GREEDY, {"pixel_values": torch.zeros(1, 3, 8, 8)},
+         "this model has no vision encoder; send text only"),
+    ]:  # fmt: skip
+        with pytest.raises(ValueError) as err:
+            engine.add_request(prompt, params, **kwargs)
+        assert str(err.value) == message
+
+
+def test_abort_marks_every_choice_and_sends_empty_text(model_dir):
+    engine = Engine.from_pretrained(model_dir, num_blocks=32, block_size=8)
+    req = engine.add_request([1, 2, 3], SamplingParams(max_tokens=20, temperature=0, n=2))
+    for _ in range(3):
+        engine.step()
+    assert engine.abort(req.request_id)
+    assert [s.finish_reason for s in req.seqs] == ["abort", "abort"]
+    finals = [o for o in list(req.outputs.queue) if o.finish_reason == "abort"]
+    assert len(finals) == 2 and all(o.text == "" for o in finals)  # no tokenizer: no text
+
+
+def test_unseeded_sampling_runs_and_differs_between_requests(model_dir):
+    engine = Engine.from_pretrained(model_dir, num_blocks=64, block_size=8)
+    params = SamplingParams(max_tokens=16, temperature=1.0, ignore_eos=True)
+    p = prompts(1, seed=15)[0]
+    a, b = (engine.generate([p], params)[0][0].token_ids for _ in range(2))
+    assert len(a) == len(b) == 16 and a != b  # 320-token vocabulary: equal draws are ~impossible
+
+
+def test_requests_without_a_salt_share_the_empty_salts_cache(model_dir):
+    engine = Engine.from_pretrained(model_dir, num_blocks=64, block_size=8)
+    p = prompts(1, seed=16, lo=20, hi=21)[0]
+    engine.generate([p], GREEDY, salt="")
+    assert engine.generate([p], GREEDY)[0][0].usage["cached_tokens"] == 16
+
+
+def test_engine_defaults_are_the_documented_ones(model_dir):
+    """The server builds its engine with these defaults (README: kv_memory_mb=1024
+    max_seqs=64 max_tokens_per_step=512)."""
+    from serve.loader import load_model
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert "kv_memory_mb=1024 max_seqs=64" in readme and "max_tokens_per_step=512" in readme
+    engine = Engine(load_model(model_dir))
+    a = engine.args
+    per_block = 2 * a.num_layers * a.num_kv_heads * a.head_dim * 4 * 16
+    assert engine.pool.block_size == 16 and engine.pool.num_blocks == (1 << 30) // per_block
+    s = engine.scheduler
+    assert (s.max_tokens_per_step, s.max_seqs, s.background_tokens_per_step) == (512, 64, 8)
