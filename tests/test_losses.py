@@ -271,3 +271,33 @@ def test_chunked_head_states_keep_no_logits_for_backward():
     assert saved and sum(saved) < chunk * vocab
     out["loss"].backward()
     assert s.grad is not None and s.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("kind", sorted(DIVERGENCES))
+def test_a_cache_holding_all_the_mass_stays_finite(kind):
+    """k = V: both rest buckets are empty (Σ p = 1). The clamp keeps log(rest) finite, so every
+    divergence and its gradient stay finite instead of inf · 0 or inf − inf."""
+    torch.manual_seed(13)
+    s = torch.randn(2, 3, 10, requires_grad=True)
+    t = torch.randn(2, 3, 10)
+    top = F.log_softmax(t, -1).topk(10, dim=-1)
+    out = KDLoss(kind=kind)(s, TopK(top.values, top.indices), torch.zeros(2, 3, dtype=torch.long))
+    assert torch.isfinite(out["kd"]) and out["kd"] < 1e3
+    out["loss"].backward()
+    assert torch.isfinite(s.grad).all()
+
+
+def test_defaults_are_plain_forward_kd_and_the_divergences_own_parameters():
+    """KDLoss() is forward KL at T = 1 with nothing else switched on; β and α default to the
+    divergence functions' own defaults."""
+    import inspect
+
+    loss = KDLoss()
+    assert (loss.kind, loss.temperature, loss.kd_weight, loss.ce_weight) == ("forward_kl", 1, 1, 0)
+    assert (loss.hidden_weight, loss.hidden_loss, loss.on_policy_fraction) == (0.0, "mse", 0.0)
+    assert loss.cache is None and loss.top_k == 64
+    beta = inspect.signature(generalized_jsd).parameters["beta"].default
+    alpha = inspect.signature(skew_forward_kl).parameters["alpha"].default
+    assert KDLoss(kind="jsd").params == {"beta": beta}
+    assert KDLoss(kind="skew_forward_kl").params == {"alpha": alpha}
+    assert KDLoss(kind="skew_reverse_kl").params == {"alpha": alpha}
