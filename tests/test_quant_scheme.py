@@ -94,3 +94,28 @@ def test_build_scheme_reads_each_key_and_defaults_like_the_dataclass():
     scheme = build_scheme({"embeddings": 1, "lm_head": 0, "exclude": ("a", "b")})
     assert scheme == Int8Scheme(embeddings=True, lm_head=False, exclude=["a", "b"])
     assert build_scheme({"embeddings": 0}).embeddings is False
+
+
+def test_untie_head_clears_the_flag_on_a_vlms_text_config_too():
+    """Idefics3 keeps `tie_word_embeddings` on its nested text config as well: both must say
+    False, or a loader re-ties the int8 head to the table."""
+    from transformers import Idefics3Config, Idefics3ForConditionalGeneration
+
+    config = Idefics3Config(
+        vision_config=dict(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+            image_size=32, patch_size=16,
+        ),
+        text_config=dict(
+            model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=64,
+            num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+            tie_word_embeddings=True,
+        ),
+        image_token_id=60, scale_factor=2, tie_word_embeddings=True,
+    )  # fmt: skip
+    model = Idefics3ForConditionalGeneration(config)
+    text = model.config.get_text_config()
+    assert text is not model.config and text.tie_word_embeddings is True
+    untie_head(model)
+    assert model.lm_head.weight is not model.get_input_embeddings().weight
+    assert model.config.tie_word_embeddings is False and text.tie_word_embeddings is False
