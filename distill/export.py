@@ -153,8 +153,8 @@ def export_stage(
     if (out_dir / "serving.json").exists() and not force:
         log.info("export: %s exists, skipping (force=true reruns)", out_dir)
         return out_dir
-    for name in ("student-qat", "student-ptq", "student"):
-        source = run_dir / name
+    for stage_dir in ("student-qat", "student-ptq", "student"):
+        source = run_dir / stage_dir
         if (source / "config.json").exists():
             break
     else:
