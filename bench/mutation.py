@@ -128,10 +128,10 @@ def holding(lock: str | None) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def mutmut(pattern: str, lock: str | None, children: int) -> dict:
-    """`mutmut run` for the mutants matching `pattern` under the lock: seconds waited for the
+def mutmut(patterns: list[str], lock: str | None, children: int) -> dict:
+    """`mutmut run` for the mutants matching `patterns` under the lock: seconds waited for the
     lock, seconds run, the load average when it started, mutmut's exit code."""
-    cmd = ["mutmut", "run", "--max-children", str(children), pattern]
+    cmd = ["mutmut", "run", "--max-children", str(children), *patterns]
     env = {**os.environ, "PYTHONHASHSEED": "0"}
     asked = time.perf_counter()
     with holding(lock):
@@ -197,8 +197,13 @@ def survivor_record(name: str, status: str) -> dict:
     return record
 
 
-def report(seconds: dict[str, float]) -> dict:
+def report(seconds: dict[str, float], carried: dict[str, str] | None = None) -> dict:
+    """Counts per module and every surviving mutant. `carried`: statuses from an earlier run
+    on the same code for mutants not rerun now (see --rerun-survivors)."""
     by_name = statuses()
+    for name, status in (carried or {}).items():
+        if by_name.get(name) == "not checked":
+            by_name[name] = status
     modules = {}
     survivors = []
     for module in MODULES:
@@ -236,7 +241,7 @@ def report(seconds: dict[str, float]) -> dict:
     total["surviving_pct"] = round(100 * missed_total / max(judged_total, 1), 1)
     total["score_pct"] = round(100 * (total["killed"] + total["timeout"]) / max(judged_total, 1), 1)
     total["seconds"] = round(sum(seconds.values()), 1) if seconds else None
-    return {"modules": modules, "total": total, "survivors": survivors}
+    return {"modules": modules, "total": total, "survivors": survivors, "statuses": by_name}
 
 
 def main() -> None:
@@ -248,6 +253,12 @@ def main() -> None:
         "--one-lock", action="store_true", help="hold the lock across all --modules at once"
     )
     parser.add_argument("--report-only", action="store_true")
+    parser.add_argument(
+        "--rerun-survivors",
+        metavar="JSON",
+        help="run only the mutants that survived in this earlier result (same code, tests "
+        "only added since); every other mutant keeps its status from it",
+    )
     parser.add_argument("--out", default="bench/results/mutation.json")
     args = parser.parse_args()
 
@@ -258,19 +269,34 @@ def main() -> None:
     from rich.table import Table
 
     out = Path(args.out)
+    earlier = json.loads(Path(args.rerun_survivors).read_text()) if args.rerun_survivors else None
     # Runs of modules not rerun now are kept from an earlier invocation writing the same file.
     runs: dict[str, dict] = json.loads(out.read_text()).get("runs", {}) if out.exists() else {}
     if not args.report_only:
         outer, inner = (args.lock, None) if args.one_lock else (None, args.lock)
         with holding(outer):
-            if not (ROOT / "mutants" / "mutmut-stats.json").exists():
-                runs["stats"] = mutmut(BOOTSTRAP, inner, args.children)
+            # A changed test selection makes mutmut reset every result and map the tests again:
+            # let that happen on a few cheap mutants, then narrow the map.
+            if earlier or not (ROOT / "mutants" / "mutmut-stats.json").exists():
+                runs["stats"] = mutmut([BOOTSTRAP], inner, args.children)
                 print(f"mutants and test stats: {runs['stats']}", flush=True)
             for module in args.modules:
                 narrow_stats()
-                runs[module] = mutmut(f"{module}.*", inner, args.children)
-                print(f"{module}: {runs[module]}", flush=True)
-    result = report({name: run["seconds"] for name, run in runs.items()})
+                names = [f"{module}.*"]
+                if earlier:
+                    names = [
+                        r["name"] for r in earlier["survivors"] if module_of(r["name"]) == module
+                    ]
+                if names:
+                    runs[module] = mutmut(names, inner, args.children)
+                    print(f"{module}: {runs[module]}", flush=True)
+    carried = None
+    if earlier:
+        survivors = {r["name"] for r in earlier["survivors"]}
+        carried = {n: st for n, st in earlier["statuses"].items() if n not in survivors}
+    result = report({name: run["seconds"] for name, run in runs.items()}, carried)
+    if earlier:
+        result["rerun_survivors_of"] = args.rerun_survivors
     result["runs"] = runs
     result["mutmut"] = version("mutmut")
     result["config"] = "pyproject.toml [tool.mutmut]"
