@@ -197,10 +197,15 @@ def survivor_record(name: str, status: str) -> dict:
     return record
 
 
-def report(seconds: dict[str, float], carried: dict[str, str] | None = None) -> dict:
+def report(
+    seconds: dict[str, float],
+    carried: dict[str, str] | None = None,
+    recorded: dict[str, str] | None = None,
+) -> dict:
     """Counts per module and every surviving mutant. `carried`: statuses from an earlier run
-    on the same code for mutants not rerun now (see --rerun-survivors)."""
-    by_name = statuses()
+    on the same code for mutants not rerun now (see --rerun-survivors); `recorded`: a
+    finished run's statuses to report instead of mutants/ (see --statuses-from)."""
+    by_name = dict(recorded) if recorded else statuses()
     for name, status in (carried or {}).items():
         if by_name.get(name) == "not checked":
             by_name[name] = status
@@ -257,6 +262,12 @@ def main() -> None:
     )
     parser.add_argument("--report-only", action="store_true")
     parser.add_argument(
+        "--statuses-from",
+        metavar="JSON",
+        help="with --report-only: report the statuses recorded in this result (e.g. to rewrite "
+        "it after naming equivalents, once mutants/ holds a later run)",
+    )
+    parser.add_argument(
         "--sample",
         type=int,
         default=1,
@@ -311,7 +322,10 @@ def main() -> None:
     # Runs of modules not rerun now are kept from an earlier invocation writing the same file.
     if out.exists():
         runs = json.loads(out.read_text()).get("runs", {}) | runs
-    result = report({name: run["seconds"] for name, run in runs.items()}, carried)
+    recorded = (
+        json.loads(Path(args.statuses_from).read_text())["statuses"] if args.statuses_from else None
+    )
+    result = report({name: run["seconds"] for name, run in runs.items()}, carried, recorded)
     if earlier:
         result["rerun_survivors_of"] = args.rerun_survivors
     result["runs"] = runs
