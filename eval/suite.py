@@ -172,16 +172,17 @@ def text_metrics(
 
 
 def expected_seconds(settings: EvalSettings, students: int = 1) -> float:
-    """A rough wall-time estimate for a ~135M teacher on a 2-core CPU (measured coefficients:
-    a 256-token block through teacher + student ≈ 1.5 s, a probe paragraph ≈ 0.3 s per model,
-    a sampled token ≈ 0.1 s per model, a timed token ≈ 0.06 s per model and round)."""
+    """A rough wall-time estimate for a ~135M teacher on a 2-core CPU, scaled so that
+    eval=full with one student comes to the 12 minutes it took here (per 256-token block
+    through teacher + student ≈ 2.6 s, probe paragraph ≈ 0.5 s per model, sampled token
+    ≈ 0.17 s per model, timed token ≈ 0.1 s per model and round)."""
     models = students + 1
-    blocks = settings.blocks * settings.seq_len / 256 * 1.5 * students
-    probe = settings.probe_paragraphs * 0.3 * models
-    generation = settings.prompts * settings.new_tokens * 0.1 * models * 1.3  # + scoring
+    blocks = settings.blocks * settings.seq_len / 256 * 2.6 * students
+    probe = settings.probe_paragraphs * 0.5 * models
+    generation = settings.prompts * settings.new_tokens * 0.17 * models * 1.3  # + scoring
     runs = settings.speed_prompts * (settings.speed_repeats * 2 + settings.speed_warmup)
-    speed = runs * settings.speed_new_tokens * 0.06 * models
-    return 20 + blocks + probe + generation + speed
+    speed = runs * settings.speed_new_tokens * 0.1 * models
+    return 30 + blocks + probe + generation + speed
 
 
 def parameter_count(model: nn.Module) -> int:

@@ -215,7 +215,10 @@ def test_cli_evaluates_run_dir_with_int8_student(tmp_path, tiny_teacher_dir, tin
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "retention" in result.stdout
+    assert "eval=default: 2 blocks × 64 tokens" in result.stdout  # the plan, before loading
+    assert "min for a ~135M teacher" in result.stdout.splitlines()[0]
     report = check_report(run_dir / "report", ["student", "student_int8"])
+    assert {s["runtime"] for s in report["speed"].values()} == {"serve engine"}
     assert report["config"]["int8"] == str(run_dir / "student-qat")
     # int8 weights of the same student: close to it, not identical
     fp32, q8 = (report["models"][n]["perplexity"] for n in ("student", "student_int8"))

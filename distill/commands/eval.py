@@ -78,7 +78,7 @@ def main(argv: list[str]) -> int:
     print(
         f"eval={args.get('eval', 'full')}: {settings.blocks} blocks × {settings.seq_len} tokens, "
         f"{settings.probe_paragraphs} probe paragraphs, {settings.prompts} prompts × "
-        f"{settings.new_tokens} tokens; expected about {minutes:.0f} min for a ~135M teacher on "
+        f"{settings.new_tokens} tokens; expected about {max(minutes, 1):.0f} min for a ~135M teacher on "
         "2 CPU cores (eval=default is the quick preset)",
         flush=True,
     )
