@@ -1,8 +1,8 @@
 """`python -m distill train`: the whole chain, one Hydra recipe.
 
 The stage order lives in `STAGES` below and nowhere else: prune (the student carved out of the
-teacher) → distill (KD) → quant (PTQ baseline + KD-QAT int8, `quant=none` skips) → eval
-(report/) → export (the most finished student as a servable dir). Every stage writes a plain
+teacher) → cache (the teacher's top-k cache, with `build_teacher_cache: true`) → distill (KD) →
+quant (PTQ baseline + KD-QAT int8, `quant=none` skips) → eval (report/) → export (the most finished student as a servable dir). Every stage writes a plain
 directory under the run dir and is skipped when its output exists, so a resumed run
 (`resume=true`) continues where the last one stopped. Shared KD setup: distill/kd_setup.py.
 """
@@ -79,6 +79,17 @@ def _prune(r: Run) -> None:
     r.compare({"teacher": r.teacher, "student (pruned only)": r.student})
 
 
+def _cache(r: Run) -> None:
+    """The teacher's top-k cache for `loss=topk_cached`, built in the run when it is missing
+    (`build_teacher_cache: true`): the teacher is loaded anyway, and KD then trains without it."""
+    from distill.commands.cache_teacher import build_cache
+
+    if (Path(r.cfg.loss.cache) / "meta.json").is_file() and not r.cfg.force:
+        log.info("cache: %s exists, reusing it", r.cfg.loss.cache)
+        return
+    build_cache(r.cfg, r.teacher, r.tokenizer, r.data.blocks["train"])
+
+
 def _distill(r: Run) -> None:
     r.student = distill_stage(r.cfg, r.teacher, r.student, r.data, r.run_dir)
     r.compare({"student (distilled)": r.student})
@@ -104,6 +115,8 @@ def _export(r: Run) -> None:
 
 
 def _wanted(cfg: DictConfig, stage: str) -> bool:
+    if stage == "cache":
+        return bool(cfg.get("build_teacher_cache")) and bool(cfg.loss.get("cache"))
     if stage == "quant":
         return bool(cfg.get("quant")) and cfg.quant.method != "none"
     if stage == "eval":
@@ -116,6 +129,7 @@ def _wanted(cfg: DictConfig, stage: str) -> bool:
 # The pipeline, in order. Each stage reads and writes the run dir; absent config skips it.
 STAGES: tuple[tuple[str, Callable[[Run], None]], ...] = (
     ("prune", _prune),
+    ("cache", _cache),
     ("distill", _distill),
     ("quant", _quant),
     ("eval", _eval),

@@ -282,8 +282,16 @@ def test_offline_teacher_cache_settings(config_only_teacher, tmp_path):
     )
     assert lines == [
         f"loss.cache='{cache}': no teacher cache there (meta.json missing); build it first with "
-        "`python -m distill cache-teacher` and the same data settings"
+        "`python -m distill cache-teacher` and the same data settings, or set "
+        "build_teacher_cache=true to build it in the run"
     ]
+    built_in_run = [f"teacher.name_or_path={config_only_teacher}", "student=depth",
+                    "student.num_hidden_layers=2", f"loss.cache={cache}"]  # fmt: skip
+    check_recipe(compose_recipe(overrides=[*built_in_run, "+build_teacher_cache=true"]), "train")
+    built_in_run = built_in_run[2:]
+    lines = problems("train", config_only_teacher, *built_in_run, "+build_teacher_cache=yes")
+    assert lines[0] == "build_teacher_cache='yes': must be true or false"
+    assert len(lines) == 2 and "meta.json missing" in lines[1]  # "yes" builds nothing
     cache.mkdir()
     (cache / "meta.json").write_text(json.dumps({"temperature": 1.0}))
     lines = problems(

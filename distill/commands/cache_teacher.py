@@ -33,9 +33,16 @@ def cache(cfg: DictConfig) -> dict:
         cfg.teacher.name_or_path, cfg.teacher.dtype, device, cfg.teacher.load_in_8bit
     )
     data = build_datamodule(cfg, tokenizer, out_dir)
+    return build_cache(cfg, teacher, tokenizer, data.blocks["train"])
+
+
+def build_cache(cfg: DictConfig, teacher, tokenizer, train_blocks: torch.Tensor) -> dict:
+    """Write the teacher's top-k cache of `train_blocks` (N, S) to `loss.cache`; print its size.
+    Shared by this command and the train pipeline's `cache` stage."""
+    out_dir = Path(cfg.loss.cache)
     meta = write_cache(
         teacher,
-        data.blocks["train"],
+        train_blocks,
         out_dir,
         k=cfg.loss.top_k,
         temperature=cfg.loss.temperature,

@@ -117,7 +117,10 @@ def check_loss(cfg, p: Problems, shape: ModelShape | None, command: str) -> None
         hidden = weights.get("hidden_weight", 0)
         if hidden > 0:
             p.add("loss.hidden_weight", hidden, "must be 0 with loss.cache (needs a live teacher)")
-        _check_cache(cache, get_knob(loss, "temperature", 1.0), p)
+        builds = command == "train" and cfg.get("build_teacher_cache") is True
+        p.boolean("build_teacher_cache", cfg.get("build_teacher_cache", False))
+        if not (builds and not (Path(str(cache)) / "meta.json").is_file()):
+            _check_cache(cache, get_knob(loss, "temperature", 1.0), p)
 
 
 def _check_cache(cache, temperature, p: Problems) -> None:
@@ -129,7 +132,8 @@ def _check_cache(cache, temperature, p: Problems) -> None:
             "loss.cache",
             str(cache),
             "no teacher cache there (meta.json missing); build it first with "
-            "`python -m distill cache-teacher` and the same data settings",
+            "`python -m distill cache-teacher` and the same data settings, or set "
+            "build_teacher_cache=true to build it in the run",
         )
         return
     cached = json.loads(meta.read_text()).get("temperature")
