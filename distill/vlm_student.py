@@ -87,7 +87,7 @@ def prune_stage(cfg, teacher, data, run_dir: Path):
     return student, record
 
 
-def quant_stage(cfg, teacher, student, processor, run_dir: Path, feature_channels):
+def quant_stage(cfg, teacher, student, processor, run_dir: Path, feature_channels, data):
     """int8 student-qat/ (KD-QAT) or student-ptq/: compressed-tensors int8, and the in-memory
     converted model (its forward is the export's)."""
     import copy
@@ -102,15 +102,16 @@ def quant_stage(cfg, teacher, student, processor, run_dir: Path, feature_channel
         qcfg = OmegaConf.merge(
             cfg,
             {
-                "trainer": {"max_steps": q.steps, "val_check_interval": q.steps},
+                "trainer": {"max_steps": q.steps, "limit_val_batches": 0},
                 "optim": {"lr": q.lr, "vision_lr": q.lr, "warmup_steps": q.warmup_steps},
                 "force": True,
                 "resume": None,
             },
         )
         qdir = run_dir / "qat"
-        train_stage(qcfg, model, processor, qdir, qdir / "unused", teacher=teacher,
-                    feature_channels=feature_channels, save=False)  # fmt: skip
+        train_stage(qcfg, model, processor, qdir, qdir / "unused", teacher=teacher, data=data,
+                    feature_kd_weight=cfg.feature_kd_weight, feature_channels=feature_channels,
+                    save=False)  # fmt: skip
         finish_qat(model)
     model = to_int8(model.eval(), scheme)
     out = run_dir / ("student-qat" if q.method == "qat" else "student-ptq")
@@ -145,13 +146,16 @@ def run_student(cfg: DictConfig, run_dir: Path) -> dict:
 
     t = time.perf_counter()
     student = train_stage(cfg, student, processor, run_dir, run_dir / "student", teacher=teacher,
-                          feature_kd_weight=cfg.feature_kd_weight, feature_channels=channels)  # fmt: skip
+                          data=data, feature_kd_weight=cfg.feature_kd_weight,
+                          feature_channels=channels)  # fmt: skip
     stages["distill"] = time.perf_counter() - t
 
     models = {"teacher": teacher, "student": student}
     if cfg.quant.method != "none":
         t = time.perf_counter()
-        models["student_int8"], _ = quant_stage(cfg, teacher, student, processor, run_dir, channels)
+        models["student_int8"], _ = quant_stage(
+            cfg, teacher, student, processor, run_dir, channels, data
+        )
         stages["quant"] = time.perf_counter() - t
 
     t = time.perf_counter()

@@ -68,9 +68,18 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
 
 
 def train_stage(
-    cfg, model, processor, run_dir: Path, out_dir: Path, teacher=None, save=True, **module_kw
+    cfg,
+    model,
+    processor,
+    run_dir: Path,
+    out_dir: Path,
+    teacher=None,
+    save=True,
+    data=None,
+    **module_kw,
 ):
-    """Fit `model` on easy-VQA (CE, or KD from `teacher`); saves it with its processor."""
+    """Fit `model` on easy-VQA (CE, or KD from `teacher`); saves it with its processor.
+    `data`: a set-up VQADataModule to reuse (default: built from cfg.data)."""
     from distill.vlm_module import VQAModule
 
     if save and (out_dir / "config.json").exists() and not cfg.force:
@@ -78,10 +87,20 @@ def train_stage(
         return type(model).from_pretrained(out_dir)
     counts = freeze_parts(model, list(cfg.freeze))
     log.info("train: freeze %s → %s", list(cfg.freeze), counts)
-    data = instantiate(cfg.data, processor=processor, seed=cfg.seed)
+    if data is None:
+        data = instantiate(cfg.data, processor=processor, seed=cfg.seed)
+    resume_from = checkpoint_to_resume(run_dir, cfg.resume)
+    warm = cfg.get("vision_pretrain")
+    if warm and warm.steps > 0 and not cfg.data.get("blank_images") and resume_from is None:
+        from distill.vision_pretrain import pretrain_vision
+
+        data.setup()
+        t = cfg.trainer
+        pretrain_vision(model, data, warm, {"accelerator": t.accelerator,
+                        "precision": t.precision, "gradient_clip_val": t.gradient_clip_val})  # fmt: skip
     module = VQAModule(model, instantiate(cfg.loss), teacher=teacher, **cfg.optim, **module_kw)
     trainer = build_trainer(cfg, run_dir)
-    trainer.fit(module, datamodule=data, ckpt_path=checkpoint_to_resume(run_dir, cfg.resume))
+    trainer.fit(module, datamodule=data, ckpt_path=resume_from)
     model.requires_grad_(True)
     if save:
         model.save_pretrained(out_dir)

@@ -44,6 +44,8 @@ TINY_OVERRIDES = [
     "eval.batch_size=4",
     "eval.examples=3",
     "logger=csv",
+    "vision_pretrain.steps=2",
+    "vision_pretrain.batch_size=8",
 ]
 
 
@@ -225,3 +227,25 @@ def test_report_lists_every_part(tmp_path):
     md = (tmp_path / "report.md").read_text()
     assert "| teacher | 1.0000 (n=1) |" in md and "| teacher | 1 | 2 | 3 | 6 |" in md
     assert Path(tmp_path / "report.html").read_text().count("base64,") == 1
+
+
+def test_image_attributes_read_off_the_answers():
+    from distill.data.vqa import VQAItem
+    from distill.vision_pretrain import COLOURS, image_attributes
+
+    def item(q, a, i):
+        return VQAItem(q, a, Path("x.png"), i)
+
+    items = [
+        item("what is the blue shape?", "circle", 0),
+        item("is there not a red shape?", "no", 1),  # red is there
+        item("does the image contain a triangle?", "yes", 1),
+        item("does the image not contain a gray shape?", "yes", 2),  # gray is not: no label
+        item("what color is the shape?", "teal", 3),
+    ]
+    found = image_attributes(items)
+    blue, red, teal = (COLOURS.index(c) for c in ("blue", "red", "teal"))
+    assert found == {0: [0, blue], 1: [2, red], 2: [-1, -1], 3: [-1, teal]}
+    real = image_attributes(easy_vqa_split("train"))
+    labelled = torch.tensor(list(real.values()))
+    assert len(real) == 4000 and (labelled >= 0).float().mean() > 0.9

@@ -221,6 +221,7 @@ class VQADataModule(L.LightningDataModule):
         val = sample_items([i for i in items if i.image_id in held], self.max_validation, 0)
         train = sample_items(train, self.max_train, self.seed) if self.max_train else train
         tiles, index = self.tiles(train + val)
+        self.train_items, self.tile_index = train, index
         self.train_set = VQADataset(train, self.prompts, tiles, index)
         self.val_set = VQADataset(val, self.prompts, tiles, index)
         log.info(
