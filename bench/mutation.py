@@ -79,6 +79,8 @@ _DOMAIN_TAG = (
     "a constant domain-separation prefix: any other constant keeps keys of different kinds "
     "apart in the same way"
 )
+_INF = 'float() reads "inf" in any case: float("-INF") == float("-inf")'
+_INT64 = "torch.tensor of Python ints is int64 (torch.long) without being told"
 EQUIVALENT: dict[str, tuple[str, str]] = {
     "serve.prefix_cache.x_image_digest__mutmut_4": ("blake2b(data, )", _OPAQUE_KEY),
     "serve.prefix_cache.x_image_digest__mutmut_5": ("digest_size=17", _OPAQUE_KEY),
@@ -100,6 +102,26 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
     ),
     "serve.prefix_cache.x_block_key__mutmut_14": ('b"XXimg', _DOMAIN_TAG),
     "serve.prefix_cache.x_block_key__mutmut_15": ('b"IMG', _DOMAIN_TAG),
+    "serve.sampler.x_filter_logits__mutmut_4": (
+        "params.top_k <= x.shape[-1]",
+        "with top_k = V the k-th largest logit is the smallest, so `x < kth` masks nothing: "
+        "the same as skipping top-k",
+    ),
+    "serve.sampler.x_filter_logits__mutmut_22": ('float("-INF")', _INF),
+    "serve.sampler.x_filter_logits__mutmut_56": ('float("-INF")', _INF),
+    "serve.sampler.x_sample__mutmut_27": ('float("-INF")', _INF),
+    "serve.sampler.x_apply_penalties__mutmut_1": (
+        "not generated and not params.penalized",
+        "the early return only saves work: with no generated tokens the index set is empty, "
+        "and an unpenalised request subtracts 0 + 0 × count",
+    ),
+    "serve.sampler.x_apply_penalties__mutmut_7": ("dtype=None", _INT64),
+    "serve.sampler.x_apply_penalties__mutmut_9": ("torch.tensor(generated, )", _INT64),
+    "serve.sampler.x_apply_penalties__mutmut_15": (
+        "counts.to(None)",
+        "Tensor.to(None) returns the int64 counts unchanged, and frequency × count promotes to "
+        "the row's float dtype: the same values",
+    ),
 }
 
 

@@ -169,6 +169,14 @@ def test_top_p_one_and_top_k_vocab_are_off():
     assert out.tolist() == [4.0, -2.0]
 
 
+def test_top_p_drops_a_token_once_the_ones_before_it_reach_top_p_exactly():
+    """Four equal tokens (0.25 each, exact in fp32): top_p = 0.5 keeps two — the third token's
+    predecessors already hold 0.5 — and top_p = 0.51 keeps three."""
+    logits = torch.zeros(4)
+    assert int(torch.isfinite(filter_logits(logits, SamplingParams(top_p=0.5))).sum()) == 2
+    assert int(torch.isfinite(filter_logits(logits, SamplingParams(top_p=0.51))).sum()) == 3
+
+
 def test_logprobs_and_top_logprobs_per_row():
     """Each row reports its own chosen-token logprob and exactly its own number of top
     alternatives (log_softmax of the raw logits, best first); rows that did not ask get none."""
