@@ -41,8 +41,8 @@ PROBE = "Count slowly from one to one hundred, one number per line."
 class Live:
     """uvicorn on 127.0.0.1 (free port) in a thread, serving a fresh engine."""
 
-    def __init__(self, model_dir: Path, data_dir: Path, concurrency: int, max_seqs: int):
-        served = ServedModel.load(model_dir, max_seqs=max_seqs)
+    def __init__(self, model_dir: Path, data_dir: Path, concurrency: int, **engine):
+        served = ServedModel.load(model_dir, **engine)
         self.prices = PriceList(served.spec.pricing)
         billing = Billing(self.prices, UsageLedger(data_dir / "usage.sqlite"))
         self.service = BatchService(data_dir, concurrency=concurrency)
@@ -160,6 +160,8 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--concurrency", type=int, default=48, help="batch lines in flight")
     ap.add_argument("--max-seqs", type=int, default=64)
+    ap.add_argument("--batch-tokens-per-step", type=int, default=64)
+    ap.add_argument("--background-tokens-per-step", type=int, default=8)
     ap.add_argument("--probes", type=int, default=3)
     ap.add_argument("--probe-tokens", type=int, default=32)
     ap.add_argument("--out", type=Path, default=OUT)
@@ -174,7 +176,9 @@ def main() -> None:
     results: dict = {"config": {k: str(v) if isinstance(v, Path) else v
                                 for k, v in vars(args).items()}, "model_dir": str(model_dir)}  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
-        phase = lambda name: Live(model_dir, Path(tmp) / name, args.concurrency, args.max_seqs)  # noqa: E731
+        engine = {"max_seqs": args.max_seqs, "batch_tokens_per_step": args.batch_tokens_per_step,
+                  "background_tokens_per_step": args.background_tokens_per_step}  # fmt: skip
+        phase = lambda name: Live(model_dir, Path(tmp) / name, args.concurrency, **engine)  # noqa: E731
         with phase("idle") as live:
             system = system_prompt(live.served, args.system_tokens)
             bodies = requests(live.model, system, args.requests, args.max_tokens)

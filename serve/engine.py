@@ -67,7 +67,7 @@ class Engine:
         eos_token_ids: Seq[int] | None = None,
         vision: Idefics3Vision | None = None,
         background_tokens_per_step: int = 8,
-        batch_tokens_per_step: int = 128,
+        batch_tokens_per_step: int = 64,
     ):
         self.model, self.tokenizer, self.args = model, tokenizer, model.args
         self.vision = vision

@@ -114,7 +114,7 @@ class Scheduler:
         max_tokens_per_step: int = 512,
         max_seqs: int = 64,
         background_tokens_per_step: int = 8,
-        batch_tokens_per_step: int = 128,
+        batch_tokens_per_step: int = 64,
     ):
         self.pool = pool
         self.block_size = pool.block_size

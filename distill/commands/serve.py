@@ -7,7 +7,8 @@ assets home). Imports only `serve` and the web stack — never the training side
 Other keys: keys=<keys file> (API keys; without it the server binds to loopback only),
 ledger=<usage ledger path>, data_dir=<files and batches dir, default next to the ledger>,
 batch_concurrency=<lines in flight per batch>, kv_memory_mb=<int>, max_seqs=<int>,
-max_tokens_per_step=<int>, log_level=<info|debug|…>. keys/ledger are read by serve.auth / serve.billing through their
+max_tokens_per_step=<int>, batch_tokens_per_step=<int> (batch work a step with no interactive
+request), background_tokens_per_step=<int> (… with one), log_level=<info|debug|…>. keys/ledger are read by serve.auth / serve.billing through their
 `for_server(model, args)` (see load_hooks).
 On SIGTERM/SIGINT it stops admitting, aborts running requests and flushes the ledger.
 """
@@ -30,7 +31,8 @@ from serve.api import ServedModel, create_app
 log = logging.getLogger(__name__)
 
 ARGS = ("model", "host", "port", "keys", "ledger", "data_dir", "batch_concurrency",
-        "kv_memory_mb", "max_seqs", "max_tokens_per_step", "log_level")  # fmt: skip
+        "kv_memory_mb", "max_seqs", "max_tokens_per_step", "batch_tokens_per_step",
+        "background_tokens_per_step", "log_level")  # fmt: skip
 HOOK_MODULES = {
     "auth": "serve.auth",
     "billing": "serve.billing",
@@ -128,7 +130,8 @@ def main(argv: list[str]) -> int:
         raise SystemExit(f"serve: refusing to listen on {host} without keys=<keys file>; "
                          "bind to 127.0.0.1 or configure API keys")  # fmt: skip
     engine_kwargs = {"kv_memory_bytes": _int(args, "kv_memory_mb", 1024) << 20}
-    for key in ("max_seqs", "max_tokens_per_step"):
+    for key in ("max_seqs", "max_tokens_per_step", "batch_tokens_per_step",
+                "background_tokens_per_step"):  # fmt: skip
         if key in args:
             engine_kwargs[key] = _int(args, key, 0)
     path = resolve_model(args.get("model"))
