@@ -111,7 +111,10 @@ def test_export_errors_name_the_problem(tmp_path, tiny_teacher_dir):
 
 
 def test_fast_int8_loader_agrees_with_transformers(tmp_path, tiny_teacher_dir):
-    out = export(tiny_teacher_dir, tmp_path / "int8", quant="int8")
+    # the compact option (int8 table + untied int8 head): what our runtime's loader adds
+    out = export(
+        tiny_teacher_dir, tmp_path / "int8", quant="int8", scheme=Int8Scheme(embeddings=True)
+    )
     ids = _ids()
     reference = _logits(load_export(out, int8_kernels=False), ids)
     fast_model = load_export(out)
