@@ -23,15 +23,31 @@ def png_bytes(fig: Figure) -> bytes:
     return buffer.getvalue()
 
 
-def retention_figure(retention_by_model: dict[str, dict[str, float | None]]) -> Figure:
-    """Horizontal bars per metric (one colour per student), with the teacher's 1.0 marked."""
+def retention_figure(
+    retention_by_model: dict[str, dict[str, float | None]], intervals: dict | None = None
+) -> Figure:
+    """Horizontal bars per metric (one colour per student), with the teacher's 1.0 marked and,
+    when `intervals` (model → metric → {low, high}) are given, 95% whiskers."""
     metrics = [m for m in RETENTION if any(m in r for r in retention_by_model.values())]
     fig, ax = plt.subplots(figsize=(7, 0.45 * len(metrics) * max(len(retention_by_model), 1) + 1))
     height = 0.8 / max(len(retention_by_model), 1)
     for k, (name, ratios) in enumerate(retention_by_model.items()):
         values = [ratios.get(m) or 0.0 for m in metrics]
         ys = [i + k * height for i in range(len(metrics))]
-        ax.barh(ys, values, height=height, label=name)
+        spans = [(intervals or {}).get(name, {}).get(m) or {} for m in metrics]
+        xerr = None
+        if any(span.get("low") is not None for span in spans):
+            xerr = [
+                [
+                    max(v - (span.get("low") if span.get("low") is not None else v), 0)
+                    for v, span in zip(values, spans, strict=True)
+                ],
+                [
+                    max((span.get("high") if span.get("high") is not None else v) - v, 0)
+                    for v, span in zip(values, spans, strict=True)
+                ],
+            ]
+        ax.barh(ys, values, height=height, label=name, xerr=xerr, capsize=2)
     ax.axvline(1.0, color="black", linestyle="--", linewidth=1, label="teacher")
     ax.set_yticks([i + 0.4 - height / 2 for i in range(len(metrics))], metrics)
     ax.invert_yaxis()

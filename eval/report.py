@@ -293,7 +293,9 @@ def render_html(report: dict, figures: dict[str, bytes]) -> str:
 
 def figures_for(report: dict, metrics_csv: str | Path | None) -> dict[str, bytes]:
     figures = {
-        "retention": png_bytes(retention_figure(report["retention_by_model"])),
+        "retention": png_bytes(
+            retention_figure(report["retention_by_model"], report.get("retention_intervals"))
+        ),
         "latency": png_bytes(latency_figure(report["speed"])),
     }
     if metrics_csv and Path(metrics_csv).is_file():
