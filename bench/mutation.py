@@ -81,6 +81,8 @@ _DOMAIN_TAG = (
 )
 _INF = 'float() reads "inf" in any case: float("-INF") == float("-inf")'
 _INT64 = "torch.tensor of Python ints is int64 (torch.long) without being told"
+_ROWS = "the logits are always [S, V], so dim 1 is dim -1"
+_ZIP = "ids and vals are the same slice of one topk result: zip never meets unequal lengths"
 EQUIVALENT: dict[str, tuple[str, str]] = {
     "serve.prefix_cache.x_image_digest__mutmut_4": ("blake2b(data, )", _OPAQUE_KEY),
     "serve.prefix_cache.x_image_digest__mutmut_5": ("digest_size=17", _OPAQUE_KEY),
@@ -110,6 +112,15 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
     "serve.sampler.x_filter_logits__mutmut_22": ('float("-INF")', _INF),
     "serve.sampler.x_filter_logits__mutmut_56": ('float("-INF")', _INF),
     "serve.sampler.x_sample__mutmut_27": ('float("-INF")', _INF),
+    "serve.sampler.x_sample__mutmut_30": ("argmax(+1)", _ROWS),
+    "serve.sampler.x_sample__mutmut_61": ("dim=+1", _ROWS),
+    "serve.sampler.x_sample__mutmut_67": (
+        "if (k) or True",
+        "with k = 0 the topk(logp, 0) result is made but never read: its only use is under `if k:`",
+    ),
+    "serve.sampler.x_sample__mutmut_81": ("strict=None", _ZIP),
+    "serve.sampler.x_sample__mutmut_84": ("zip(ids, vals, )", _ZIP),
+    "serve.sampler.x_sample__mutmut_85": ("strict=False", _ZIP),
     "serve.sampler.x_apply_penalties__mutmut_1": (
         "not generated and not params.penalized",
         "the early return only saves work: with no generated tokens the index set is empty, "
