@@ -16,6 +16,9 @@ from collections.abc import Callable, Sequence
 from eval.generation import distinct_n, repetition_rate
 
 RESAMPLES = 1000
+# Pooled statistics a repeated item would distort (a resampled duplicate continuation repeats
+# all its n-grams and halves distinct-n): their resamples keep each drawn item once.
+ONCE_PER_RESAMPLE = ("distinct_2", "distinct_3")
 
 
 def _ratio_exp(items: Sequence[tuple[float, int]]) -> float:
@@ -78,8 +81,12 @@ def bootstrap(
 def metric_interval(metric: str, items: list) -> dict:
     """{value, n, unit, low, high} for one model's metric from its item records."""
     stat, unit = STATISTICS[metric]
-    low, high = bootstrap(len(items), lambda idx: stat([items[i] for i in idx]))
+    low, high = bootstrap(len(items), lambda idx: stat([items[i] for i in _draw(metric, idx)]))
     return {"value": stat(items), "n": len(items), "unit": unit, "low": low, "high": high}
+
+
+def _draw(metric: str, idx: list[int]) -> list[int]:
+    return sorted(set(idx)) if metric in ONCE_PER_RESAMPLE else idx
 
 
 def retention_interval(metric: str, teacher_items: list, student_items: list, ratio) -> dict:
@@ -89,6 +96,7 @@ def retention_interval(metric: str, teacher_items: list, student_items: list, ra
         raise ValueError(f"{metric}: teacher and student were scored on different items")
 
     def paired(idx: list[int]) -> float | None:
+        idx = _draw(metric, idx)
         return ratio(stat([teacher_items[i] for i in idx]), stat([student_items[i] for i in idx]))
 
     low, high = bootstrap(len(items := student_items), paired)

@@ -172,6 +172,9 @@ def test_bootstrap_interval_covers_the_statistic_and_shrinks_with_more_items():
     assert small["low"] < 0.35 and small["high"] > 0.65  # wide: 0.5 on 16 says little
     large = metric_interval("coherence_probe", coin * 16)
     assert large["high"] - large["low"] < (small["high"] - small["low"]) / 2
+    # distinct-n: a resample keeps each continuation once (a duplicate would halve the value)
+    distinct = metric_interval("distinct_2", [[1, 2, 3], [4, 5, 6], [7, 8, 9]])
+    assert distinct["value"] == distinct["low"] == distinct["high"] == 1.0
     teacher = [(2.0, 10)] * 8
     student = [(3.0, 10), (3.4, 10)] * 4
     ret = retention_interval("perplexity", teacher, student, RETENTION["perplexity"][0])
