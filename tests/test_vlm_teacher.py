@@ -116,7 +116,9 @@ def test_training_prompts_and_pixels_equal_the_hf_processor(tiny_vlm):
 
 def test_validation_images_are_never_trained_on(tiny_vlm):
     _, processor = tiny_vlm
-    data = VQADataModule(processor, validation_images=10, max_validation_questions=None)
+    data = VQADataModule(
+        processor, validation_images=10, max_validation_questions=None, max_train_questions=300
+    )
     data.setup()
     train = set(data.train_set.tile_of.tolist())
     val = set(data.val_set.tile_of.tolist())
