@@ -1,6 +1,6 @@
-"""Durability: SIGKILL `python -m distill serve` in the middle of a batch, restart it on the same
-data dir, and the batch completes with every custom_id exactly once in output ∪ error and its
-usage equal to the sum of its lines. Plus the crash window itself (result written, line not
+"""Durability: SIGTERM, then SIGKILL, `python -m distill serve` in the middle of a batch,
+restart it on the same data dir, and the batch completes with every custom_id exactly once in
+output ∪ error and its usage equal to the sum of its lines. Plus the crash window itself (result written, line not
 yet marked; a torn last line) repaired by reconcile."""
 
 from __future__ import annotations
@@ -54,42 +54,47 @@ class Server:
     def get(self, path: str):
         return httpx.get(f"{self.url}{path}", timeout=10)
 
-    def kill(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.communicate(timeout=30)
 
-
-def test_sigkill_mid_batch_then_restart_completes_each_line_once(tiny_export, tmp_path):
-    n = 32
+def test_sigterm_then_sigkill_mid_batch_then_restart_completes_each_line_once(
+    tiny_export, tmp_path
+):
+    n = 40
     lines = [
         {"custom_id": f"r{i}", "method": "POST", "url": "/v1/completions",
          "body": {"model": MODEL, "prompt": f"Line {i}:", "max_tokens": 40, "temperature": 0}}
         for i in range(n)
     ]  # fmt: skip
     data = "".join(json.dumps(x) + "\n" for x in lines).encode()
-    server = Server(tiny_export, tmp_path)
-    try:
-        up = httpx.post(f"{server.url}/v1/files", files={"file": ("in.jsonl", data)},
-                        data={"purpose": "batch"}, timeout=10).json()  # fmt: skip
-        batch = httpx.post(f"{server.url}/v1/batches", json={
-            "input_file_id": up["id"], "endpoint": "/v1/completions", "completion_window": "24h",
-        }, timeout=10).json()  # fmt: skip
+    batch = None
 
-        def some_done() -> bool:
-            return (
-                server.get(f"/v1/batches/{batch['id']}").json()["request_counts"]["completed"] >= 6
+    def done_now(server) -> int:
+        return server.get(f"/v1/batches/{batch['id']}").json()["request_counts"]["completed"]
+
+    # A SIGTERM (lines in flight are aborted: they must stay pending, not be written as
+    # "abort"), then a SIGKILL, each in the middle of the batch.
+    for sig, at_least in ((signal.SIGTERM, 5), (signal.SIGKILL, 14)):
+        server = Server(tiny_export, tmp_path)
+        try:
+            if batch is None:
+                up = httpx.post(f"{server.url}/v1/files", files={"file": ("in.jsonl", data)},
+                                data={"purpose": "batch"}, timeout=10).json()  # fmt: skip
+                batch = httpx.post(f"{server.url}/v1/batches", json={
+                    "input_file_id": up["id"], "endpoint": "/v1/completions",
+                    "completion_window": "24h",
+                }, timeout=10).json()  # fmt: skip
+            assert wait_until(
+                lambda s=server, k=at_least: done_now(s) >= k, timeout=60, interval=0.01
             )
-
-        assert wait_until(some_done, timeout=60, interval=0.01)
-        server.kill()
-    finally:
-        if server.proc.poll() is None:
-            server.proc.kill()
-            server.proc.communicate()
-    store = BatchStore(tmp_path)
-    done_before = store.batch(batch["id"])["request_counts"]["completed"]
-    store.close()
-    assert 6 <= done_before < n  # killed in the middle
+            server.proc.send_signal(sig)
+            server.proc.communicate(timeout=30)
+        finally:
+            if server.proc.poll() is None:
+                server.proc.kill()
+                server.proc.communicate()
+        store = BatchStore(tmp_path)
+        done_before = store.batch(batch["id"])["request_counts"]["completed"]
+        store.close()
+        assert at_least <= done_before < n  # stopped in the middle
 
     server = Server(tiny_export, tmp_path)
     try:
@@ -107,6 +112,8 @@ def test_sigkill_mid_batch_then_restart_completes_each_line_once(tiny_export, tm
         server.proc.send_signal(signal.SIGTERM)
         server.proc.communicate(timeout=30)
     records = [json.loads(x) for x in out + err]
+    assert all(r["response"]["body"]["choices"][0]["finish_reason"] == "length"
+               for r in records if r["response"]["status_code"] == 200)  # fmt: skip
     assert sorted(r["custom_id"] for r in records) == sorted(x["custom_id"] for x in lines)
     assert final["request_counts"] == {"total": n, "completed": len(out), "failed": len(err)}
     usages = [json.loads(x)["response"]["body"]["usage"] for x in out]

@@ -216,6 +216,8 @@ async def run_line(body: dict, endpoint: str, state, principal, discount: float,
         billing.settle()
         if isinstance(e, ValueError):  # the engine's word on an invalid request: a 400
             raise invalid(str(e)) from e
+        if isinstance(e, RuntimeError):  # the engine thread is stopping: run it later
+            raise Unfinished(job.id) from e
         raise
     try:
         result = await collect(gen)

@@ -159,7 +159,11 @@ class BatchRunner:
                     waker = asyncio.ensure_future(self.changed.wait())
                 for task in finished:
                     limit = self.concurrency
-                    quota |= await self._settle(bid, running.pop(task), task, out, err)
+                    line = running.pop(task)
+                    outcome = await self._settle(bid, line, task, out, err)
+                    quota |= outcome == "quota"
+                    if outcome == "retry":  # aborted by the server: run it again (or, while
+                        queue.appendleft(line)  # draining, after the restart)
                 if queue or running:  # all done: completed, even if the window just closed
                     stop = self._stop_reason(bid)
                 if quota and queue:  # the budget is spent: the rest fail without running
@@ -183,19 +187,20 @@ class BatchRunner:
                 await self._settle(bid, line, task, out, err)
         return stop
 
-    async def _settle(self, bid: str, line, task: asyncio.Task, out, err) -> bool:
-        """Write a finished line's result, then mark it; True when it ran out of budget."""
+    async def _settle(self, bid: str, line, task: asyncio.Task, out, err) -> str | None:
+        """Write a finished line's result, then mark it. "retry": it stays pending (the
+        server aborted it); "quota": it ran out of budget."""
         if task.cancelled():
-            return False
+            return "retry"
         exc = task.exception()
         if isinstance(exc, Unfinished):
-            return False  # aborted by the server: stays pending, runs again
+            return "retry"
         if exc is None:
             body = task.result()
             rec = output_record(line["custom_id"], body["id"], body)
             await asyncio.to_thread(out.append, [rec])
             self.store.mark(bid, line["line"], "done", body.get("usage"))
-            return False
+            return None
         if not isinstance(exc, APIError):  # a hook's own 4xx error type (e.g. QuotaError)
             exc = APIError.from_exception(exc) or exc
         if not isinstance(exc, APIError):
@@ -203,7 +208,7 @@ class BatchRunner:
             exc = line_error("server_error", f"{type(exc).__name__}: {exc}", 500)
         await asyncio.to_thread(err.append, [error_record(line["custom_id"], line["line"], exc)])
         self.store.mark(bid, line["line"], "failed")
-        return exc.code == "insufficient_quota"
+        return "quota" if exc.code == "insufficient_quota" else None
 
     async def _fail(self, bid, lines, err, code, message, status=400) -> None:
         recs = [error_record(ln["custom_id"], ln["line"], line_error(code, message, status))
