@@ -140,12 +140,14 @@ def main(argv: list[str]) -> int:
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"serve: {e}") from e
     hooks = load_hooks(model, args)
-    app = create_app(model, **hooks, batches=batch_service(args))
+    batches = batch_service(args)
+    app = create_app(model, **hooks, batches=batches)
 
     keys = f"keys from {args['keys']}" if args.get("keys") else "no keys (open, loopback only)"
     print(f"model: {model.name} ({model.path}, {model.spec.quantization})", flush=True)
     print(f"url:   http://{host}:{port}/v1", flush=True)
     print(f"auth:  {keys}", flush=True)
+    print(f"data:  {batches.store.dir} (files, batches)", flush=True)
     config = uvicorn.Config(app, host=host, port=port, log_level=args.get("log_level", "info"),
                             timeout_graceful_shutdown=30)  # fmt: skip
     DrainingServer(config, app.state.server).run()
