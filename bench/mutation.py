@@ -81,7 +81,10 @@ _DOMAIN_TAG = (
 )
 _INF = 'float() reads "inf" in any case: float("-INF") == float("-inf")'
 _INT64 = "torch.tensor of Python ints is int64 (torch.long) without being told"
-_ROWS = "the logits are always [S, V], so dim 1 is dim -1"
+_ROWS = (
+    "the tensors here are always 2-D rows ([S, V] logits, (N, V) and (N, k) log-probs), so "
+    "dim 1 is dim -1"
+)
 _ZIP = "ids and vals are the same slice of one topk result: zip never meets unequal lengths"
 EQUIVALENT: dict[str, tuple[str, str]] = {
     "serve.prefix_cache.x_image_digest__mutmut_4": ("blake2b(data, )", _OPAQUE_KEY),
@@ -112,6 +115,14 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
     "serve.sampler.x_filter_logits__mutmut_22": ('float("-INF")', _INF),
     "serve.sampler.x_filter_logits__mutmut_56": ('float("-INF")', _INF),
     "serve.sampler.x_sample__mutmut_27": ('float("-INF")', _INF),
+    "distill.losses.x_topk_buckets__mutmut_7": ("gather(+1", _ROWS),
+    "distill.losses.x_topk_buckets__mutmut_16": ("sum(+1)", _ROWS),
+    "distill.losses.x_topk_buckets__mutmut_34": (
+        "unsqueeze(+1)",
+        "t_rest is (N,) before the unsqueeze, so dim 1 is dim -1",
+    ),
+    "distill.losses.x_topk_buckets__mutmut_40": ("[s_top, s_rest], +1)", _ROWS),
+    "distill.losses.x_topk_buckets__mutmut_46": ("[t_top, t_rest], +1)", _ROWS),
     "serve.sampler.x_sample__mutmut_30": ("argmax(+1)", _ROWS),
     "serve.sampler.x_sample__mutmut_61": ("dim=+1", _ROWS),
     "serve.sampler.x_sample__mutmut_67": (

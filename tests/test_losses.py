@@ -11,6 +11,7 @@ from distill.losses import (
     HeadStates,
     KDLoss,
     TopK,
+    cross_entropy,
     forward_kl,
     generalized_jsd,
     reverse_kl,
@@ -301,3 +302,25 @@ def test_defaults_are_plain_forward_kd_and_the_divergences_own_parameters():
     assert KDLoss(kind="jsd").params == {"beta": beta}
     assert KDLoss(kind="skew_forward_kl").params == {"alpha": alpha}
     assert KDLoss(kind="skew_reverse_kl").params == {"alpha": alpha}
+
+
+def test_cross_entropy_skips_ignored_rows_and_is_zero_with_a_graph_when_all_are():
+    torch.manual_seed(14)
+    logits = torch.randn(5, 7, requires_grad=True)
+    labels = torch.tensor([1, IGNORE_INDEX, 3, IGNORE_INDEX, 6])
+    keep = labels != IGNORE_INDEX
+    torch.testing.assert_close(
+        cross_entropy(logits, labels), F.cross_entropy(logits[keep], labels[keep])
+    )
+    none = cross_entropy(logits, torch.full((5,), IGNORE_INDEX))
+    assert none.item() == 0.0 and none.requires_grad
+    none.backward()
+    assert logits.grad is not None and not logits.grad.any()
+
+
+def test_skew_alpha_defaults_to_a_tenth():
+    torch.manual_seed(15)
+    a, b = F.log_softmax(torch.randn(3, 8), -1), F.log_softmax(torch.randn(3, 8), -1)
+    torch.testing.assert_close(skew_forward_kl(a, b), skew_forward_kl(a, b, alpha=0.1))
+    torch.testing.assert_close(skew_reverse_kl(a, b), skew_reverse_kl(a, b, alpha=0.1))
+    torch.testing.assert_close(generalized_jsd(a, b), generalized_jsd(a, b, beta=0.5))
