@@ -85,6 +85,10 @@ _ROWS = (
     "the tensors here are always 2-D rows ([S, V] logits, (N, V) and (N, k) log-probs), so "
     "dim 1 is dim -1"
 )
+_SOFTMAX_DIM = (
+    "F.log_softmax without a dim picks dim 1 for 2-D input (with a warning): the rows here are "
+    "(N, V)"
+)
 _ZIP = "ids and vals are the same slice of one topk result: zip never meets unequal lengths"
 EQUIVALENT: dict[str, tuple[str, str]] = {
     "serve.prefix_cache.x_image_digest__mutmut_4": ("blake2b(data, )", _OPAQUE_KEY),
@@ -115,6 +119,20 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
     "serve.sampler.x_filter_logits__mutmut_22": ('float("-INF")', _INF),
     "serve.sampler.x_filter_logits__mutmut_56": ('float("-INF")', _INF),
     "serve.sampler.x_sample__mutmut_27": ('float("-INF")', _INF),
+    "distill.losses.xǁKDLossǁdivergence__mutmut_4": ("dim=None", _SOFTMAX_DIM),
+    "distill.losses.xǁKDLossǁdivergence__mutmut_6": ("t, )", _SOFTMAX_DIM),
+    "distill.losses.xǁKDLossǁdivergence__mutmut_17": ("dim=None", _SOFTMAX_DIM),
+    "distill.losses.xǁKDLossǁdivergence__mutmut_19": ("t, )", _SOFTMAX_DIM),
+    "distill.losses.xǁKDLossǁforward__mutmut_22": (
+        "- ref.sum() * 0.0",
+        "ref.sum() * 0.0 is zero: subtracting it instead of adding gives the same value and "
+        "keeps the same graph",
+    ),
+    "distill.losses.xǁKDLossǁforward__mutmut_49": (
+        "n >= self.chunk_size",
+        "with n = chunk_size there is one chunk: recomputing its logits in backward or keeping "
+        "them gives the same values and gradients; only the memory differs",
+    ),
     "distill.losses.x_topk_buckets__mutmut_7": ("gather(+1", _ROWS),
     "distill.losses.x_topk_buckets__mutmut_16": ("sum(+1)", _ROWS),
     "distill.losses.x_topk_buckets__mutmut_34": (
