@@ -119,6 +119,19 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
     "serve.sampler.x_filter_logits__mutmut_22": ('float("-INF")', _INF),
     "serve.sampler.x_filter_logits__mutmut_56": ('float("-INF")', _INF),
     "serve.sampler.x_sample__mutmut_27": ('float("-INF")', _INF),
+    "distill.quant.x_prepare_qat__mutmut_34": (
+        'step="PREPARE"',
+        "torchao's QATConfig reads the step name case-insensitively",
+    ),
+    "distill.quant.x_compressed_tensors_config__mutmut_7": (
+        "QuantizationArgs(num_bits=8, symmetric=True",
+        "compressed-tensors' QuantizationArgs defaults type to int: the same config",
+    ),
+    "distill.quant.x_save_int8__mutmut_7": (
+        "from_pretrained_model(model, )",
+        "the model carries its compressed-tensors config (attached by to_int8), which already "
+        "names the int-quantized format that from_pretrained_model then reads",
+    ),
     "distill.losses.xǁKDLossǁdivergence__mutmut_4": ("dim=None", _SOFTMAX_DIM),
     "distill.losses.xǁKDLossǁdivergence__mutmut_6": ("t, )", _SOFTMAX_DIM),
     "distill.losses.xǁKDLossǁdivergence__mutmut_17": ("dim=None", _SOFTMAX_DIM),

@@ -14,6 +14,7 @@ from distill.quant import (
     build_scheme,
     compressed_tensors_config,
     is_int8,
+    prepare_qat,
     to_int8,
     untie_head,
 )
@@ -119,3 +120,23 @@ def test_untie_head_clears_the_flag_on_a_vlms_text_config_too():
     untie_head(model)
     assert model.lm_head.weight is not model.get_input_embeddings().weight
     assert model.config.tie_word_embeddings is False and text.tie_word_embeddings is False
+
+
+def test_qat_fake_quantizes_linear_inputs_per_token_and_weights_per_channel(tiny_llama):
+    """QAT must see what the export runs: int8 per-token asymmetric activations and int8
+    per-channel symmetric weights on every scheme Linear; tables get weights only."""
+    from torchao.quantization import MappingType, PerAxis, PerToken
+
+    names = prepare_qat(tiny_llama, Int8Scheme(embeddings=True))
+    assert "model.layers.3.mlp.down_proj" in names and "model.embed_tokens" in names
+    q_proj = tiny_llama.model.layers[0].self_attn.q_proj
+    act, weight = q_proj.activation_fake_quantizer.config, q_proj.weight_fake_quantizer.config
+    assert (act.dtype, act.granularity, act.mapping_type) == (
+        torch.int8, PerToken(), MappingType.ASYMMETRIC,
+    )  # fmt: skip
+    assert (weight.dtype, weight.granularity, weight.mapping_type) == (
+        torch.int8, PerAxis(axis=0), MappingType.SYMMETRIC,
+    )  # fmt: skip
+    table = tiny_llama.model.embed_tokens
+    assert type(table).__name__ == "FakeQuantizedEmbedding"
+    assert table.weight_fake_quantizer.config.mapping_type == MappingType.SYMMETRIC
