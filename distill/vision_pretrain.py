@@ -76,7 +76,7 @@ class AttributeProbe(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": warm, "interval": "step"}}
 
 
-def pretrain_vision(model: nn.Module, data, cfg, trainer_kwargs: dict) -> None:
+def pretrain_vision(model: nn.Module, data, cfg, trainer_kwargs: dict, logger=False) -> None:
     """Warm up `model.model.vision_model` (in place) on the datamodule's train images."""
     attrs = image_attributes(data.train_items)
     rows = {image_id: row for image_id, row in data.tile_index.items() if image_id in attrs}
@@ -86,6 +86,6 @@ def pretrain_vision(model: nn.Module, data, cfg, trainer_kwargs: dict) -> None:
              (labels[:, 0] >= 0).float().mean(), (labels[:, 1] >= 0).float().mean())  # fmt: skip
     probe = AttributeProbe(model.model.vision_model, cfg.lr, cfg.warmup_steps)
     loader = ResumableLoader(TensorDataset(pixels, labels), cfg.batch_size, cfg.seed)
-    trainer = L.Trainer(max_steps=cfg.steps, logger=False, enable_checkpointing=False,
-                        **trainer_kwargs)  # fmt: skip
+    trainer = L.Trainer(max_steps=cfg.steps, logger=logger, enable_checkpointing=False,
+                        log_every_n_steps=5, **trainer_kwargs)  # fmt: skip
     trainer.fit(probe, train_dataloaders=loader)

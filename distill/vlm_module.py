@@ -4,7 +4,9 @@ logit KD on the answer tokens from a frozen VLM teacher, plus optional connector
 
 Only answer positions reach the LM head (`KDLoss` with `HeadStates`): 2 rows a sample instead
 of ~40 × 49k logits. Parameter groups: the vision tower + connector learn at `vision_lr`
-(trained from scratch), everything else that is trainable at `lr`.
+(trained from scratch), the connector at `connector_lr` (default `lr`: it has no norm after it,
+and at the ViT's rate its outputs grew to 24× the text embeddings' norm and the LM learned to
+ignore them), everything else that is trainable at `lr`.
 """
 
 from __future__ import annotations
@@ -21,8 +23,11 @@ from distill.data.vqa import trim_padding
 from distill.losses import IGNORE_INDEX, HeadStates, KDLoss
 
 
-def is_vision_param(name: str) -> bool:
-    return ".vision_model." in f".{name}" or ".connector." in f".{name}"
+def param_group(name: str) -> str:
+    """'vision' (the ViT), 'connector' or 'lm' for a parameter name of an Idefics3 model."""
+    if ".vision_model." in f".{name}":
+        return "vision"
+    return "connector" if ".connector." in f".{name}" else "lm"
 
 
 class VQAModule(L.LightningModule):
@@ -40,6 +45,7 @@ class VQAModule(L.LightningModule):
         teacher: nn.Module | None = None,
         lr: float = 1e-4,
         vision_lr: float = 1e-3,
+        connector_lr: float | None = None,
         weight_decay: float = 0.0,
         betas: tuple[float, float] = (0.9, 0.95),
         warmup_steps: int = 20,
@@ -55,6 +61,7 @@ class VQAModule(L.LightningModule):
         if feature_kd_weight > 0 and teacher is None:
             raise ValueError("connector feature KD (feature_kd_weight > 0) needs a teacher")
         self.lr, self.vision_lr, self.weight_decay, self.betas = lr, vision_lr, weight_decay, betas
+        self.connector_lr = lr if connector_lr is None else connector_lr
         self.warmup_steps, self.min_lr_ratio = warmup_steps, min_lr_ratio
         self.feature_kd_weight = feature_kd_weight
         self.feature_channels = feature_channels
@@ -137,14 +144,12 @@ class VQAModule(L.LightningModule):
         self.log("val/answer_accuracy", hits.mean(), prog_bar=True, batch_size=len(hits))
 
     def configure_optimizers(self):
-        groups: dict[bool, list] = {True: [], False: []}
+        groups: dict[str, list] = {"vision": [], "connector": [], "lm": []}
         for name, p in self.model.named_parameters():
             if p.requires_grad:
-                groups[is_vision_param(name)].append(p)
-        params = [
-            {"params": groups[True], "lr": self.vision_lr},
-            {"params": groups[False], "lr": self.lr},
-        ]
+                groups[param_group(name)].append(p)
+        lrs = {"vision": self.vision_lr, "connector": self.connector_lr, "lm": self.lr}
+        params = [{"params": groups[k], "lr": lrs[k]} for k in groups]
         params = [g for g in params if g["params"]]
         optimizer = torch.optim.AdamW(params, weight_decay=self.weight_decay, betas=self.betas)
         total = max(self.trainer.estimated_stepping_batches, 1)

@@ -96,8 +96,9 @@ def train_stage(
 
         data.setup()
         t = cfg.trainer
-        pretrain_vision(model, data, warm, {"accelerator": t.accelerator,
-                        "precision": t.precision, "gradient_clip_val": t.gradient_clip_val})  # fmt: skip
+        csv = L.pytorch.loggers.CSVLogger(save_dir=str(run_dir), name="vision_pretrain", version="")
+        pretrain_vision(model, data, warm, {"accelerator": t.accelerator, "precision": t.precision,
+                        "gradient_clip_val": t.gradient_clip_val}, logger=csv)  # fmt: skip
     module = VQAModule(model, instantiate(cfg.loss), teacher=teacher, **cfg.optim, **module_kw)
     trainer = build_trainer(cfg, run_dir)
     trainer.fit(module, datamodule=data, ckpt_path=resume_from)
