@@ -89,6 +89,10 @@ _SOFTMAX_DIM = (
     "F.log_softmax without a dim picks dim 1 for 2-D input (with a warning): the rows here are "
     "(N, V)"
 )
+_TORCHAO_SYM = (
+    "torchao's IntxFakeQuantizeConfig takes is_symmetric=None as symmetric (the bit-exact "
+    "test against serve.int8's symmetric grid passes on it)"
+)
 _ZIP = "ids and vals are the same slice of one topk result: zip never meets unequal lengths"
 EQUIVALENT: dict[str, tuple[str, str]] = {
     "serve.prefix_cache.x_image_digest__mutmut_4": ("blake2b(data, )", _OPAQUE_KEY),
@@ -119,6 +123,12 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
     "serve.sampler.x_filter_logits__mutmut_22": ('float("-INF")', _INF),
     "serve.sampler.x_filter_logits__mutmut_56": ('float("-INF")', _INF),
     "serve.sampler.x_sample__mutmut_27": ('float("-INF")', _INF),
+    "distill.quant.x__fake_quant_configs__mutmut_4": ("is_symmetric=None", _TORCHAO_SYM),
+    "distill.quant.x__fake_quant_configs__mutmut_7": ('"per_channel", )', _TORCHAO_SYM),
+    "distill.quant.x_compressed_tensors_config__mutmut_22": (
+        "acts = QuantizationArgs(type=",
+        "compressed-tensors' QuantizationArgs defaults num_bits to 8: the same config",
+    ),
     "distill.quant.x_prepare_qat__mutmut_34": (
         'step="PREPARE"',
         "torchao's QATConfig reads the step name case-insensitively",
