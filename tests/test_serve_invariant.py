@@ -63,7 +63,9 @@ def model(request, tiny_teacher_dir, tmp_path_factory):
     if request.param == "fp32":
         return load_model(tiny_teacher_dir)
     out = tmp_path_factory.mktemp("int8") / "export"
-    return load_model(export(tiny_teacher_dir, out, quant="int8", scheme=Int8Scheme(embeddings=True)))
+    return load_model(
+        export(tiny_teacher_dir, out, quant="int8", scheme=Int8Scheme(embeddings=True))
+    )
 
 
 def fingerprint(c: Completion) -> tuple:
