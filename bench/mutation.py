@@ -85,6 +85,10 @@ _ROWS = (
     "the tensors here are always 2-D rows ([S, V] logits, (N, V) and (N, k) log-probs), so "
     "dim 1 is dim -1"
 )
+_PROBE = (
+    "the call on zeros only makes the divergence check β/α; any shapes that broadcast give "
+    "the same accept-or-raise"
+)
 _SOFTMAX_DIM = (
     "F.log_softmax without a dim picks dim 1 for 2-D input (with a warning): the rows here are "
     "(N, V)"
@@ -142,6 +146,8 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
         "the model carries its compressed-tensors config (attached by to_int8), which already "
         "names the int-quantized format that from_pretrained_model then reads",
     ),
+    "distill.losses.xǁKDLossǁ__init____mutmut_52": ("torch.zeros(2), torch.zeros(1, 2)", _PROBE),
+    "distill.losses.xǁKDLossǁ__init____mutmut_58": ("torch.zeros(1, 2), torch.zeros(2)", _PROBE),
     "distill.losses.xǁKDLossǁdivergence__mutmut_4": ("dim=None", _SOFTMAX_DIM),
     "distill.losses.xǁKDLossǁdivergence__mutmut_6": ("t, )", _SOFTMAX_DIM),
     "distill.losses.xǁKDLossǁdivergence__mutmut_17": ("dim=None", _SOFTMAX_DIM),
@@ -254,7 +260,10 @@ def locate(name: str, diff: str) -> tuple[str, int | None]:
     path = Path(*module.split(".")).with_suffix(".py")
     func = re.sub(r"__mutmut_\d+$", "", name[len(module) + 2 :]).strip("_")
     parts = [p for p in func.split("ǁ") if p]
-    removed = next((line[1:].strip() for line in diff.splitlines() if line.startswith("-  ")), "")
+    removed = next(
+        (line[1:].strip() for line in diff.splitlines() if line[:1] == "-" and line[:3] != "---"),
+        "",
+    )
     source = (ROOT / path).read_text()
     lines = source.splitlines()
     for node in ast.walk(ast.parse(source)):
