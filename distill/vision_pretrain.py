@@ -28,14 +28,16 @@ COLOURS = ("black", "blue", "brown", "gray", "green", "red", "teal", "yellow")
 def image_attributes(items: list[VQAItem]) -> dict[int, list[int]]:
     """image id → [shape index, colour index] (-1 where no question tells), from answers:
     'what shape…' → shape, 'what color…' → colour, 'what is the blue shape?' → both, and a
-    yes/no question names what is present when its answer and its negation agree."""
+    yes/no question names what is present when its answer and its negation ('not',
+    'no') agree."""
     found: dict[int, list[int]] = {}
     for item in items:
         labels = found.setdefault(item.image_id, [-1, -1])
         words = item.question.rstrip("?").split()
         named = [w for w in words if w in SHAPES or w in COLOURS]
         if item.answer in ("yes", "no"):
-            present = (item.answer == "yes") != ("not" in words)
+            negated = "not" in words or "no" in words  # "is no teal shape present?"
+            present = (item.answer == "yes") != negated
             named = named if present else []
         else:
             named = [*named, item.answer]

@@ -244,6 +244,7 @@ def test_image_attributes_read_off_the_answers():
         item("does the image contain a triangle?", "yes", 1),
         item("does the image not contain a gray shape?", "yes", 2),  # gray is not: no label
         item("what color is the shape?", "teal", 3),
+        item("is no red shape present?", "yes", 3),  # "no" negates: red is not there
     ]
     found = image_attributes(items)
     blue, red, teal = (COLOURS.index(c) for c in ("blue", "red", "teal"))
