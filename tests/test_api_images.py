@@ -87,6 +87,8 @@ def test_bad_images_are_400s_naming_the_part(vlm_client):
         (ask(image_part(png), image_part(data_url(encode(noise_image(40, 40))[:300]))),
          "messages.0.content.2.image_url.url", "image 2: truncated PNG"),
         (ask({"type": "image_url"}), "messages.0.content.1.image_url", "needs image_url.url"),
+        (ask({"type": "image_url", "image_url": "x.png"}),  # a string, not {url: …}
+         "messages.0.content.1.image_url", "invalid value for 'messages.0.content.1.image_url'"),
     ]  # fmt: skip
     for messages, param, message in cases:
         err = error(post(vlm_client, messages))

@@ -75,14 +75,21 @@ def invalid(message: str, param: str | None = None, code: str | None = None) -> 
     return APIError(400, message, param=param, code=code)
 
 
+def _is_union_tag(part) -> bool:
+    """pydantic's name for a union member in an error location, e.g. 'str' or 'list[Part]'."""
+    return isinstance(part, str) and (part in ("str", "int", "float", "bool") or "[" in part)
+
+
 def validation_error(exc: RequestValidationError | ValidationError) -> APIError:
     """The first pydantic error, with its field path as `param` (a request body, or a batch
     line's body validated by the same model)."""
     errors = exc.errors()
     if not errors:
         return invalid("invalid request")
-    err = errors[0]
-    loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+    # A union field (content: str | list[part]) reports one error per member: the member that
+    # matched deepest says what is wrong; the members' tags ('str', 'list[…]') are not params.
+    err = max(errors, key=lambda e: len(e.get("loc", ())))
+    loc = [str(p) for p in err.get("loc", ()) if p != "body" and not _is_union_tag(p)]
     param = ".".join(loc) or None
     if err.get("type") == "json_invalid":
         return invalid(f"request body is not valid JSON: {err.get('msg')}", code="invalid_json")
