@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Mapping
 
 import lightning as L
 
@@ -13,6 +14,12 @@ def format_seconds(seconds: float) -> str:
     seconds = max(int(round(seconds)), 0)
     minutes, s = divmod(seconds, 60)
     return f"{minutes}m{s:02d}s" if minutes else f"{s}s"
+
+
+def batch_tokens(batch) -> int:
+    """Token positions in a batch: text KD batches are tuples (ids first), VQA batches dicts."""
+    ids = batch["input_ids"] if isinstance(batch, Mapping) else batch[0]
+    return ids.numel()
 
 
 class ProgressLines(L.Callback):
@@ -28,7 +35,7 @@ class ProgressLines(L.Callback):
         self._start, self._first_step, self._tokens = time.perf_counter(), trainer.global_step, 0
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self._tokens += batch[0].numel()
+        self._tokens += batch_tokens(batch)
         step = trainer.global_step
         total = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
         if step % self.every and step != total:

@@ -19,9 +19,9 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from distill.kd_setup import build_trainer
 from distill.models.vlm import parameter_counts, save_processor
 from distill.rundir import checkpoint_to_resume
-from distill.trackers import build_loggers
 
 log = logging.getLogger(__name__)
 
@@ -49,22 +49,6 @@ def freeze_parts(model: torch.nn.Module, parts: list[str]) -> dict[str, int]:
     unique = {id(p): p for p in model.parameters()}.values()
     trainable = sum(p.numel() for p in unique if p.requires_grad)
     return {"trainable": trainable, "frozen": sum(p.numel() for p in unique) - trainable}
-
-
-def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
-    checkpoint = L.pytorch.callbacks.ModelCheckpoint(
-        dirpath=run_dir / "checkpoints",
-        save_last=True,
-        save_top_k=0,
-        every_n_train_steps=cfg.checkpoint_every_n_steps,
-    )
-    callbacks = [checkpoint]
-    loggers = build_loggers(cfg.logger, run_dir)
-    if loggers:
-        callbacks.append(L.pytorch.callbacks.LearningRateMonitor(logging_interval="step"))
-    return instantiate(
-        cfg.trainer, default_root_dir=str(run_dir), logger=loggers or False, callbacks=callbacks
-    )
 
 
 def train_stage(
@@ -100,7 +84,7 @@ def train_stage(
         pretrain_vision(model, data, warm, {"accelerator": t.accelerator, "precision": t.precision,
                         "gradient_clip_val": t.gradient_clip_val}, logger=csv)  # fmt: skip
     module = VQAModule(model, instantiate(cfg.loss), teacher=teacher, **cfg.optim, **module_kw)
-    trainer = build_trainer(cfg, run_dir)
+    trainer = build_trainer(cfg, run_dir, stage="vqa")
     trainer.fit(module, datamodule=data, ckpt_path=resume_from)
     model.requires_grad_(True)
     if save:
