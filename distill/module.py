@@ -36,6 +36,20 @@ def _is_fsdp(strategy) -> bool:
     return isinstance(strategy, FSDPStrategy)
 
 
+def warmup_cosine(optimizer, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> dict:
+    """Lightning's optimizer config with a per-step schedule: linear warmup over `warmup_steps`,
+    then cosine decay to `min_lr_ratio` of the base rate at `total_steps`."""
+
+    def schedule(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min((step - warmup_steps) / max(total_steps - warmup_steps, 1), 1.0)
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
 class DistillModule(L.LightningModule):
     """Student trained on KD + optional CE / hidden-state KD; the teacher stays frozen in eval.
 
@@ -241,17 +255,4 @@ class DistillModule(L.LightningModule):
         params = [p for p in self.parameters() if p.requires_grad]  # student + projections
         optimizer = self._optimizer(params)
         total = max(self.trainer.estimated_stepping_batches, 1)
-
-        def schedule(step: int) -> float:  # linear warmup, cosine decay to min_lr_ratio
-            if step < self.warmup_steps:
-                return (step + 1) / self.warmup_steps
-            progress = min((step - self.warmup_steps) / max(total - self.warmup_steps, 1), 1.0)
-            return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (
-                1 + math.cos(math.pi * progress)
-            )
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
-        }
+        return warmup_cosine(optimizer, self.warmup_steps, total, self.min_lr_ratio)

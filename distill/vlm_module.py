@@ -11,7 +11,6 @@ ignore them), everything else that is trainable at `lr`.
 
 from __future__ import annotations
 
-import math
 import time
 
 import lightning as L
@@ -21,6 +20,7 @@ from torch import Tensor, nn
 
 from distill.data.vqa import trim_padding
 from distill.losses import IGNORE_INDEX, HeadStates, KDLoss
+from distill.module import warmup_cosine
 
 
 def param_group(name: str) -> str:
@@ -153,17 +153,4 @@ class VQAModule(L.LightningModule):
         params = [g for g in params if g["params"]]
         optimizer = torch.optim.AdamW(params, weight_decay=self.weight_decay, betas=self.betas)
         total = max(self.trainer.estimated_stepping_batches, 1)
-
-        def schedule(step: int) -> float:  # linear warmup, cosine decay to min_lr_ratio
-            if step < self.warmup_steps:
-                return (step + 1) / self.warmup_steps
-            progress = min((step - self.warmup_steps) / max(total - self.warmup_steps, 1), 1.0)
-            return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (
-                1 + math.cos(math.pi * progress)
-            )
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
-        }
+        return warmup_cosine(optimizer, self.warmup_steps, total, self.min_lr_ratio)
