@@ -24,7 +24,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from distill.commands.keyvalue import split_key_values
-from distill.commands.serve import _int, resolve_model
+from distill.commands.serve import _int, load_served_model
 
 ARGS = ("input", "output", "errors", "model", "endpoint", "concurrency", "kv_memory_mb",
         "max_seqs", "max_tokens_per_step")  # fmt: skip
@@ -176,18 +176,9 @@ def main(argv: list[str]) -> int:
     errors = Path(args.get("errors") or output.with_suffix(".errors.jsonl")).expanduser()
     if not source.is_file():
         raise SystemExit(f"batch: input file not found: {source}")
-    engine_kwargs = {"kv_memory_bytes": _int(args, "kv_memory_mb", 1024) << 20}
-    for key in ("max_seqs", "max_tokens_per_step"):
-        if key in args:
-            engine_kwargs[key] = _int(args, key, 0)
-    from serve.api import ServedModel
     from serve.batch.lines import InputError
 
-    path = resolve_model(args.get("model"))
-    try:
-        model = ServedModel.load(path, **engine_kwargs)
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"batch: {e}") from e
+    model = load_served_model(args, "batch")
     data = source.read_bytes()
     endpoint = args.get("endpoint") or endpoint_of(data)
     console = Console()

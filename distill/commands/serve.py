@@ -123,22 +123,31 @@ def _int(args: dict[str, str], key: str, default: int, low: int = 1, high: int =
     return int(value)
 
 
+ENGINE_KEYS = ("max_seqs", "max_tokens_per_step", "batch_tokens_per_step",
+               "background_tokens_per_step")  # fmt: skip
+
+
+def load_served_model(args: dict[str, str], command: str) -> ServedModel:
+    """The export `model=` names (or the default one) on an engine sized by the engine keys;
+    a bad export exits with `<command>: <why>`. Shared by `serve` and `batch`."""
+    engine_kwargs = {"kv_memory_bytes": _int(args, "kv_memory_mb", 1024) << 20}
+    for key in ENGINE_KEYS:
+        if key in args:
+            engine_kwargs[key] = _int(args, key, 0)
+    path = resolve_model(args.get("model"))
+    try:
+        return ServedModel.load(path, **engine_kwargs)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"{command}: {e}") from e
+
+
 def main(argv: list[str]) -> int:
     args, _ = split_key_values(argv, ARGS, [])
     host, port = args.get("host", "127.0.0.1"), _int(args, "port", 8000, 0, 65535)
     if not args.get("keys") and not is_loopback(host):
         raise SystemExit(f"serve: refusing to listen on {host} without keys=<keys file>; "
                          "bind to 127.0.0.1 or configure API keys")  # fmt: skip
-    engine_kwargs = {"kv_memory_bytes": _int(args, "kv_memory_mb", 1024) << 20}
-    for key in ("max_seqs", "max_tokens_per_step", "batch_tokens_per_step",
-                "background_tokens_per_step"):  # fmt: skip
-        if key in args:
-            engine_kwargs[key] = _int(args, key, 0)
-    path = resolve_model(args.get("model"))
-    try:
-        model = ServedModel.load(path, **engine_kwargs)
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"serve: {e}") from e
+    model = load_served_model(args, "serve")
     hooks = load_hooks(model, args)
     batches = batch_service(args)
     app = create_app(model, **hooks, batches=batches)
