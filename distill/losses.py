@@ -188,14 +188,23 @@ class KDLoss(nn.Module):
         self.on_policy_fraction = on_policy_fraction
         self.cache, self.top_k = cache, top_k
 
+    def log_probs(self, logits: Tensor) -> Tensor:
+        """fp32 log-softmax at the temperature (at T = 1 no scaled copy of the logits is made:
+        the rows are the largest tensors of a step)."""
+        t = self.temperature
+        logits = logits.float()
+        return F.log_softmax(logits if t == 1 else logits / t, dim=-1)
+
     def divergence(self, student_logits: Tensor, teacher: Tensor | TopK) -> Tensor:
         """Per-row divergence (N,) × T² for logits (N, V) against dense or top-k teacher rows."""
+        return self._divergence(self.log_probs(student_logits), teacher)
+
+    def _divergence(self, log_ps: Tensor, teacher: Tensor | TopK) -> Tensor:
         t = self.temperature
-        log_ps = F.log_softmax(student_logits.float() / t, dim=-1)
         if isinstance(teacher, TopK):
             log_ps, log_pt = topk_buckets(log_ps, teacher)
         else:
-            log_pt = F.log_softmax(teacher.float() / t, dim=-1)
+            log_pt = self.log_probs(teacher)
         return DIVERGENCES[self.kind](log_ps, log_pt, **self.params) * (t * t)
 
     def _chunk_sums(
@@ -204,12 +213,18 @@ class KDLoss(nn.Module):
         """(Σ divergence, Σ CE) over one chunk of rows; logits live only inside this call."""
         s = _logits(student, vocab)
         sums = [s.new_zeros((), dtype=torch.float32)] * 2
+        log_ps = None
         if with_kd:
             with torch.no_grad():
                 t = teacher if isinstance(teacher, TopK) else _logits(teacher, vocab)
-            sums[0] = self.divergence(s, t).sum()
+            log_ps = self.log_probs(s)
+            sums[0] = self._divergence(log_ps, t).sum()
         if with_ce:
-            sums[1] = F.cross_entropy(s.float(), labels, reduction="sum")
+            if log_ps is not None and self.temperature == 1:
+                # CE is the NLL of the T = 1 log-probs KD already holds: no second softmax.
+                sums[1] = F.nll_loss(log_ps, labels, reduction="sum")
+            else:
+                sums[1] = F.cross_entropy(s.float(), labels, reduction="sum")
         return torch.stack(sums)
 
     def forward(

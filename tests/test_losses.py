@@ -324,3 +324,48 @@ def test_skew_alpha_defaults_to_a_tenth():
     torch.testing.assert_close(skew_forward_kl(a, b), skew_forward_kl(a, b, alpha=0.1))
     torch.testing.assert_close(skew_reverse_kl(a, b), skew_reverse_kl(a, b, alpha=0.1))
     torch.testing.assert_close(generalized_jsd(a, b), generalized_jsd(a, b, beta=0.5))
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "top-k"])
+def test_kd_plus_ce_terms_and_gradients_match_separate_losses(temperature, sparse):
+    """KD + CE in one pass (at T = 1 the CE reuses KD's log-probs) gives the values and the
+    gradients of the two losses computed apart: CE always on the raw logits."""
+    torch.manual_seed(13)
+    s = torch.randn(2, 5, 11, requires_grad=True)
+    t = torch.randn(2, 5, 11)
+    labels = torch.randint(0, 11, (2, 5))
+    teacher = t
+    if sparse:
+        top = F.log_softmax(t / temperature, -1).topk(4, dim=-1)
+        teacher = TopK(top.values, top.indices)
+    out = KDLoss(temperature=temperature, ce_weight=0.7)(s, teacher, labels)
+    (grad,) = torch.autograd.grad(out["loss"], s)
+
+    kd_alone = KDLoss(temperature=temperature)(s, teacher, labels)["kd"]
+    ce_alone = F.cross_entropy(s.flatten(0, 1), labels.flatten())
+    torch.testing.assert_close(out["kd"], kd_alone)
+    torch.testing.assert_close(out["ce"], ce_alone)
+    (expected,) = torch.autograd.grad(kd_alone + 0.7 * ce_alone, s)
+    torch.testing.assert_close(grad, expected)
+
+
+def test_kd_plus_ce_at_t1_saves_one_log_softmax_for_backward():
+    """At T = 1 the CE term reads KD's log-probs: the step keeps one (N, V) fp32 tensor for
+    backward from the student's softmax, not two (the rows are the step's largest tensors)."""
+    torch.manual_seed(14)
+    n, vocab = 6, 4096
+    s = torch.randn(1, n, vocab, requires_grad=True)
+    t, labels = torch.randn(1, n, vocab), torch.randint(0, vocab, (1, n))
+    saved: list[torch.Tensor] = []
+
+    def keep(tensor):
+        saved.append(tensor)
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda x: x):
+        KDLoss(ce_weight=1.0)(s, t, labels)
+    big = {x.data_ptr() for x in saved if x.numel() == n * vocab}
+    # the student's log-probs and what the divergence keeps of the teacher (4 when CE ran its
+    # own log-softmax)
+    assert len(big) <= 3, f"{len(big)} distinct (N, V) tensors saved for backward"
