@@ -191,6 +191,13 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
         "Tensor.to(None) returns the int64 counts unchanged, and frequency × count promotes to "
         "the row's float dtype: the same values",
     ),
+    "serve.engine.xǁEngineǁadd_request__mutmut_73": (
+        "if (queue_size) and False else 0",
+        "an unbounded queue instead of one of queue_size + n: the bound is never reached. A "
+        "request is stepped only while its unread outputs plus one per live choice fit in "
+        "queue_size (Request.paused), so at most queue_size are ever unread before an abort adds "
+        "its one final output per live choice (≤ n)",
+    ),
 }
 
 

@@ -421,3 +421,25 @@ def test_engine_defaults_are_the_documented_ones(model_dir):
     assert engine.pool.block_size == 16 and engine.pool.num_blocks == (1 << 30) // per_block
     s = engine.scheduler
     assert (s.max_tokens_per_step, s.max_seqs, s.background_tokens_per_step) == (512, 64, 8)
+
+
+def test_kv_cache_is_kept_in_the_models_dtype(model_dir):
+    """The KV pool takes the model's dtype (a float64 model writes float64 keys and values):
+    a float64 engine runs and picks the float32 engine's greedy tokens."""
+    from serve.loader import load_model
+
+    p = prompts(1, seed=17)[0]
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, logprobs=True)
+    runs = {}
+    for dtype in (torch.float32, torch.float64):
+        engine = Engine(load_model(model_dir, dtype=dtype), num_blocks=16, block_size=8)
+        assert engine.kv.kv.dtype == dtype
+        a = engine.args
+        assert (
+            engine.kv.bytes_per_slot
+            == 2 * a.num_layers * a.num_kv_heads * a.head_dim * dtype.itemsize
+        )
+        runs[dtype] = engine.generate([p], params)[0][0]
+    assert runs[torch.float64].token_ids == runs[torch.float32].token_ids
+    lp32, lp64 = (torch.tensor(runs[d].logprobs) for d in (torch.float32, torch.float64))
+    assert (lp32 - lp64).abs().max() <= 1e-4

@@ -12,6 +12,7 @@ from transformers import Idefics3Config, Idefics3ForConditionalGeneration
 
 from serve.engine import Engine
 from serve.images import PatchConfig, expand_prompt, preprocess
+from serve.prefix_cache import ImageSpan
 from serve.sampler import SamplingParams
 
 IMAGE_TOKEN = 300
@@ -176,3 +177,54 @@ def test_an_image_starting_on_a_blocks_last_token_is_part_of_that_blocks_key(vlm
 
     assert cached(1) == 0 and cached(1) == 16
     assert cached(2) == 0  # another image: not even block 0 (7 text tokens + 1 image token)
+
+
+def test_the_image_span_covers_exactly_the_placeholder_tokens(vlm):
+    """Without `images`, the request records one span [first, last + 1) over the placeholder
+    tokens of all its tiles (ImageSpan's contract: the block keys read it); given spans are
+    kept as they are."""
+    path, _ = vlm
+    engine = Engine.from_pretrained(path, num_blocks=32, block_size=8)
+    prompt = prompt_with_images(2)  # image tokens at 10 .. 17
+    pixels = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(7))
+    params = SamplingParams(max_tokens=1, temperature=0)
+    req = engine.add_request(prompt, params, pixel_values=pixels)
+    ((start, end, digest),) = [(im.start, im.end, im.digest) for im in req.images]
+    assert (start, end) == (10, 10 + 2 * PER_IMAGE) and len(digest) == 16
+    assert all(t == IMAGE_TOKEN for t in prompt[start:end]) and IMAGE_TOKEN not in prompt[end:]
+    given = (ImageSpan(10, 14, b"a" * 16), ImageSpan(14, 18, b"b" * 16))
+    assert engine.add_request(prompt, params, pixel_values=pixels, images=given).images == given
+
+
+def test_an_image_prompt_batched_behind_two_decodes_gives_the_same_bits(vlm):
+    """The image embeddings land on their own rows of the flat batch whatever precedes them:
+    an image prompt prefilled in the same step as two decoding text requests (third in the
+    batch, after rows of other sequences) gives the tokens and logprobs it gives alone."""
+    path, _ = vlm
+    prompt = prompt_with_images(1, seed=6)
+    pixels = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(6))
+    params = SamplingParams(max_tokens=4, temperature=0, logprobs=True)
+    text_params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, logprobs=True)
+
+    def finish(engine, req):
+        while engine.has_work():
+            engine.step()
+        return Engine.collect(req)[0]
+
+    fresh = lambda: Engine.from_pretrained(path, num_blocks=64, block_size=8)  # noqa: E731
+    alone = fresh()
+    want = finish(alone, alone.add_request(prompt, params, pixel_values=pixels))
+    want_text = [finish(e := fresh(), e.add_request(p, text_params)) for p in ([1, 2, 3], [4] * 5)]
+
+    engine = fresh()
+    texts = [engine.add_request(p, text_params) for p in ([1, 2, 3], [4] * 5)]
+    engine.step()  # both prompts prefilled: they decode from the next step on
+    req = engine.add_request(prompt, params, pixel_values=pixels)
+    engine.step()  # decode, decode, then this prompt's prefill: rows 2.. of the batch
+    assert req.seqs[0].num_computed == len(prompt)
+    assert [len(t.seqs[0].generated) for t in texts] == [2, 2]
+    got = finish(engine, req)
+    assert got.token_ids == want.token_ids and got.logprobs == want.logprobs
+    for t, w in zip(texts, want_text, strict=True):
+        c = finish(engine, t)
+        assert c.token_ids == w.token_ids and c.logprobs == w.logprobs
