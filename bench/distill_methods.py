@@ -73,7 +73,9 @@ def evaluate(model, blocks: torch.Tensor, teacher_top1: torch.Tensor | None, bat
     return {"perplexity": math.exp(nll / count), "agreement": agree / count if count else 0.0}
 
 
-def train(cfg, student, teacher, data, steps: int, workdir: Path) -> float:
+def train(
+    cfg, student, teacher, data, steps: int, workdir: Path, precision: str = "32-true"
+) -> float:
     """Lightning fit for `steps` steps; returns wall seconds."""
     loss = instantiate(cfg.loss)
     datamodule = data
@@ -88,6 +90,7 @@ def train(cfg, student, teacher, data, steps: int, workdir: Path) -> float:
     trainer = L.Trainer(
         accelerator="cpu",
         devices=1,
+        precision=precision,
         max_steps=steps,
         limit_val_batches=0,
         logger=False,

@@ -36,6 +36,7 @@ def test_every_group_option_composes(group, option):
 # What each configs/loss option means: (divergence, kd_weight, ce_weight, other fields).
 LOSS_OPTIONS = {
     "fkl": ("forward_kl", 1.0, 0.0, {}),
+    "fkl_ce": ("forward_kl", 1.0, 1.0, {}),
     "rkl": ("reverse_kl", 1.0, 0.0, {}),
     "jsd": ("jsd", 1.0, 0.0, {"params": {"beta": 0.5}}),
     "gkd": ("jsd", 1.0, 0.0, {"params": {"beta": 0.5}, "on_policy_fraction": 0.5}),
