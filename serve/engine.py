@@ -72,9 +72,10 @@ class Engine:
         self.model, self.tokenizer, self.args = model, tokenizer, model.args
         self.vision = vision
         a = self.args
-        bytes_per_block = 2 * a.num_layers * a.num_kv_heads * a.head_dim * 4 * block_size
-        num_blocks = num_blocks or max(1, kv_memory_bytes // bytes_per_block)
-        self.kv = KVPool(a, num_blocks * block_size, dtype=model.norm.dtype)
+        kv_dtype = model.norm.dtype  # K and V are kept in the model's float dtype
+        bytes_per_token = 2 * a.num_layers * a.num_kv_heads * a.head_dim * kv_dtype.itemsize
+        num_blocks = num_blocks or max(1, kv_memory_bytes // (bytes_per_token * block_size))
+        self.kv = KVPool(a, num_blocks * block_size, dtype=kv_dtype)
         self.pool = BlockPool(num_blocks, block_size)
         self.scheduler = Scheduler(
             self.pool, max_tokens_per_step, max_seqs, background_tokens_per_step,

@@ -424,8 +424,9 @@ def test_engine_defaults_are_the_documented_ones(model_dir):
 
 
 def test_kv_cache_is_kept_in_the_models_dtype(model_dir):
-    """The KV pool takes the model's dtype (a float64 model writes float64 keys and values):
-    a float64 engine runs and picks the float32 engine's greedy tokens."""
+    """The KV pool takes the model's dtype (a float64 model writes float64 keys and values),
+    kv_memory_bytes counts that dtype's bytes, and a float64 engine picks the float32 engine's
+    greedy tokens."""
     from serve.loader import load_model
 
     p = prompts(1, seed=17)[0]
@@ -440,6 +441,11 @@ def test_kv_cache_is_kept_in_the_models_dtype(model_dir):
             == 2 * a.num_layers * a.num_kv_heads * a.head_dim * dtype.itemsize
         )
         runs[dtype] = engine.generate([p], params)[0][0]
+        per_block = engine.kv.bytes_per_slot * 8
+        sized = Engine(engine.model, kv_memory_bytes=10 * per_block + per_block // 2, block_size=8)
+        assert (
+            sized.pool.num_blocks == 10 and sized.kv.kv.numel() * dtype.itemsize == 10 * per_block
+        )
     assert runs[torch.float64].token_ids == runs[torch.float32].token_ids
     lp32, lp64 = (torch.tensor(runs[d].logprobs) for d in (torch.float32, torch.float64))
     assert (lp32 - lp64).abs().max() <= 1e-4
