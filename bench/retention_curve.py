@@ -112,11 +112,19 @@ def plot(results: dict, path: Path) -> None:
     base = results.get("setup", {}).get("base_overrides", [])
     for cell in results["cells"].values():
         by_variant.setdefault(label(cell, base), []).append((cell["train_tokens"], cell))
-    for variant, points in sorted(by_variant.items()):
+    curves = {v: pts for v, pts in by_variant.items() if len(pts) > 1}
+    sweep = [pt for v, pts in by_variant.items() if len(pts) == 1 for pt in pts]
+    for variant, points in sorted(curves.items()):
         points.sort(key=lambda p: p[0])
         tokens = [p[0] for p in points]
         axes[0].plot(tokens, [p[1]["perplexity"] for p in points], marker="o", label=variant)
         axes[1].plot(tokens, [100 * p[1]["agreement"] for p in points], marker="o", label=variant)
+    if sweep:  # single-budget cells: the learning-rate / temperature sweep
+        style = {"marker": "x", "color": "grey", "ls": "none", "alpha": 0.7}
+        tokens = [p[0] for p in sweep]
+        label_ = "sweep cells (other lr / T)"
+        axes[0].plot(tokens, [p[1]["perplexity"] for p in sweep], label=label_, **style)
+        axes[1].plot(tokens, [100 * p[1]["agreement"] for p in sweep], **style)
     teacher = results.get("teacher")
     if teacher:
         axes[0].axhline(teacher["perplexity"], color="k", ls="--", lw=1, label="teacher")
