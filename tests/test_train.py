@@ -11,11 +11,12 @@ import pytest
 import torch
 
 QUICK = [
-    # the default student is a 0.5 budget (minitron-half); the tiny teacher is mostly its
+    # the default student is a 0.5 budget (15 x 504 pinned); the tiny teacher is mostly its
     # embedding table, so pin explicit dims (width and depth pruned) instead
     "student.params=null",
     "student.num_hidden_layers=2",
     "student.hidden_size=48",
+    "student.intermediate_size=null",
     "student.calibration_blocks=4",
     "data.seq_len=32",
     "data.batch_size=2",

@@ -166,7 +166,7 @@ TINY = [  # (command, overrides, the exact line naming the knob) against the con
     ),
     (
         "train",
-        ["student.num_hidden_layers=2", "loss.kd_weight=0"],
+        ["student.num_hidden_layers=2", "loss=fkl", "loss.kd_weight=0"],
         "loss.kd_weight=0: must be > 0 when loss.ce_weight=0 (no loss)",
     ),
     (
@@ -327,7 +327,7 @@ def test_cuda_only_settings_refused_without_cuda(config_only_teacher):
     ]
 
 
-STUDENTS = ["depth", "minitron-half"]
+STUDENTS = ["depth", "minitron-half", "half-15x504"]
 LOSSES = sorted(p.stem for p in (CONFIGS / "loss").glob("*.yaml") if p.stem != "topk_cached")
 
 
@@ -358,6 +358,7 @@ def test_budget_override_on_the_depth_student(tmp_path, one_thread):
     cfg = compose_recipe(
         overrides=[
             f"teacher.name_or_path={tmp_path / 'teacher'}",
+            "student=minitron-half",  # the budget search (the default pins 15 x 504)
             "student.params=0.53",  # a shape of this tiny teacher lands within 3% below
             "student.num_hidden_layers=null",
         ]
