@@ -79,7 +79,12 @@ def is_int8(export_dir: Path) -> bool:
 
 
 def reference_tokens(export_dir: Path, prompts: list[str], max_tokens: int) -> tuple[list, list]:
-    """(prompt token ids, greedy new token ids) from transformers on the export."""
+    """(prompt token ids, greedy new token ids) from transformers on the export.
+
+    A plain argmax loop: vLLM's side runs with `ignore_eos` (EOS may be picked, generation just
+    goes on), and transformers' `generate(min_new_tokens=…)` would instead forbid EOS until the
+    minimum length — a different decode wherever EOS is the argmax (a student trained with CE on
+    packed documents often ends a sentence with it)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -88,17 +93,16 @@ def reference_tokens(export_dir: Path, prompts: list[str], max_tokens: int) -> t
     prompt_ids, outputs = [], []
     for text in prompts:
         ids = tokenizer(text)["input_ids"]
+        new: list[int] = []
         with torch.no_grad():
-            out = model.generate(
-                torch.tensor([ids]),
-                attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                max_new_tokens=max_tokens,
-                min_new_tokens=max_tokens,
-                do_sample=False,
-                pad_token_id=tokenizer.eos_token_id,
-            )
+            out = model(torch.tensor([ids]), use_cache=True)
+            for _ in range(max_tokens):
+                new.append(int(out.logits[0, -1].argmax()))
+                out = model(
+                    torch.tensor([new[-1:]]), past_key_values=out.past_key_values, use_cache=True
+                )
         prompt_ids.append(ids)
-        outputs.append(out[0, len(ids) :].tolist())
+        outputs.append(new)
     return prompt_ids, outputs
 
 
