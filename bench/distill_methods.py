@@ -57,6 +57,17 @@ def compose_cfg(overrides: list[str]):
 
 
 @torch.no_grad()
+def teacher_argmax(teacher, blocks: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
+    """The teacher's top-1 token at positions 0..S-2 of each block: what `evaluate` compares."""
+    return torch.cat(
+        [
+            teacher(input_ids=blocks[i : i + batch_size], use_cache=False).logits[:, :-1].argmax(-1)
+            for i in range(0, len(blocks), batch_size)
+        ]
+    )
+
+
+@torch.no_grad()
 def evaluate(model, blocks: torch.Tensor, teacher_top1: torch.Tensor | None, batch_size=8):
     """Held-out perplexity and top-1 agreement with the teacher's argmax (positions 0..S-2)."""
     model.eval()
@@ -146,13 +157,7 @@ def main() -> None:
     test = data.blocks["test"]
     tokens_budget = args.steps * args.batch_size * args.seq_len
 
-    with torch.no_grad():
-        teacher_top1 = torch.cat(
-            [
-                teacher(input_ids=test[i : i + 8], use_cache=False).logits[:, :-1].argmax(-1)
-                for i in range(0, len(test), 8)
-            ]
-        )
+    teacher_top1 = teacher_argmax(teacher, test)
     rows = {
         "teacher": {**evaluate(teacher, test, teacher_top1), "params": count_parameters(teacher)}
     }

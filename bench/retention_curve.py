@@ -31,7 +31,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from distill_methods import evaluate, train  # bench/ (the script's own directory)
+from distill_methods import evaluate, teacher_argmax, train  # bench/ (the script's own directory)
 from hydra.utils import instantiate
 from provenance import provenance
 from rich.console import Console
@@ -228,13 +228,7 @@ def main() -> None:
     data = instantiate(cfg.data, tokenizer=tokenizer, seed=cfg.seed)
     data.setup()
     test = data.blocks["test"]
-    with torch.no_grad():
-        teacher_top1 = torch.cat(
-            [
-                teacher(input_ids=test[i : i + 8], use_cache=False).logits[:, :-1].argmax(-1)
-                for i in range(0, len(test), 8)
-            ]
-        )
+    teacher_top1 = teacher_argmax(teacher, test)
     results["teacher"] = {
         **evaluate(teacher, test, teacher_top1),
         "params": count_parameters(teacher),

@@ -228,7 +228,7 @@ class LoadSampler(threading.Thread):
 
 def parent(args) -> None:
     import lightning as L
-    from distill_methods import evaluate
+    from distill_methods import evaluate, teacher_argmax
     from hydra.utils import instantiate
     from provenance import provenance
     from rich.console import Console
@@ -285,13 +285,7 @@ def parent(args) -> None:
     }
     (workdir / "setup.json").write_text(json.dumps(setup, indent=2))
 
-    with torch.no_grad():
-        teacher_top1 = torch.cat(
-            [
-                teacher(input_ids=test[i : i + 8], use_cache=False).logits[:, :-1].argmax(-1)
-                for i in range(0, len(test), 8)
-            ]
-        )
+    teacher_top1 = teacher_argmax(teacher, test)
     rows = {
         "teacher": {**evaluate(teacher, test, teacher_top1), "params": count_parameters(teacher)}
     }
