@@ -56,6 +56,16 @@ def compose_cfg(overrides: list[str]):
     return compose_recipe(overrides=overrides)
 
 
+def load_teacher_and_data(cfg):
+    """(tokenizer, frozen teacher, set-up datamodule) of a composed recipe, seeded first."""
+    L.seed_everything(cfg.seed)
+    tokenizer = load_tokenizer(cfg.teacher.name_or_path)
+    teacher = load_causal_lm(cfg.teacher.name_or_path).eval().requires_grad_(False)
+    data = instantiate(cfg.data, tokenizer=tokenizer, seed=cfg.seed)
+    data.setup()
+    return tokenizer, teacher, data
+
+
 @torch.no_grad()
 def teacher_argmax(teacher, blocks: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
     """The teacher's top-1 token at positions 0..S-2 of each block: what `evaluate` compares."""
@@ -149,11 +159,7 @@ def main() -> None:
         *args.overrides,
     ]
     cfg = compose_cfg(base)
-    L.seed_everything(cfg.seed)
-    tokenizer = load_tokenizer(cfg.teacher.name_or_path)
-    teacher = load_causal_lm(cfg.teacher.name_or_path).eval().requires_grad_(False)
-    data = instantiate(cfg.data, tokenizer=tokenizer, seed=cfg.seed)
-    data.setup()
+    tokenizer, teacher, data = load_teacher_and_data(cfg)
     test = data.blocks["test"]
     tokens_budget = args.steps * args.batch_size * args.seq_len
 

@@ -31,15 +31,19 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from distill_methods import evaluate, teacher_argmax, train  # bench/ (the script's own directory)
-from hydra.utils import instantiate
+from distill_methods import (  # bench/ (the script's own directory)
+    evaluate,
+    load_teacher_and_data,
+    teacher_argmax,
+    train,
+)
 from provenance import provenance
 from rich.console import Console
 from rich.table import Table
 
 from distill.data.teacher_cache import write_cache
 from distill.hydra_app import compose_recipe
-from distill.models.loading import count_parameters, load_causal_lm, load_tokenizer
+from distill.models.loading import count_parameters, load_causal_lm
 from distill.prune.stage import prune_stage
 
 log = logging.getLogger("bench.retention_curve")
@@ -87,18 +91,10 @@ def load_results(path: Path) -> dict:
     return {"cells": {}, "runs": []}
 
 
-def cell_lr(cell: dict, base_overrides: list[str]) -> float:
-    """The cell's learning rate: its own `optim.lr=` override, else the base one."""
-    for override in [*base_overrides, *cell["overrides"]][::-1]:
-        if override.startswith("optim.lr="):
-            return float(override.removeprefix("optim.lr="))
-    raise ValueError(f"no optim.lr in {cell['variant']}'s overrides")
-
-
-def label(cell: dict, base_overrides: list[str]) -> str:
+def label(cell: dict) -> str:
     """'fkl+ce lr=0.001': the variant name without any lr in it, then the cell's rate."""
     name = " ".join(w for w in cell["variant"].split() if not w.startswith("lr"))
-    return f"{name} lr={cell.get('lr') or cell_lr(cell, base_overrides):g}"
+    return f"{name} lr={cell['lr']:g}"
 
 
 def plot(results: dict, path: Path) -> None:
@@ -109,9 +105,8 @@ def plot(results: dict, path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     by_variant: dict[str, list[tuple[int, dict]]] = {}
-    base = results.get("setup", {}).get("base_overrides", [])
     for cell in results["cells"].values():
-        by_variant.setdefault(label(cell, base), []).append((cell["train_tokens"], cell))
+        by_variant.setdefault(label(cell), []).append((cell["train_tokens"], cell))
     curves = {v: pts for v, pts in by_variant.items() if len(pts) > 1}
     sweep = [pt for v, pts in by_variant.items() if len(pts) == 1 for pt in pts]
     for variant, points in sorted(curves.items()):
@@ -149,13 +144,12 @@ def print_table(results: dict) -> None:
     for column in ("variant", "tokens", "ppl", "ppl retention", "top-1 agree", "train s", "tok/s"):
         table.add_column(column)
     teacher_ppl = results.get("teacher", {}).get("perplexity")
-    base = results.get("setup", {}).get("base_overrides", [])
-    cells = sorted(results["cells"].values(), key=lambda c: (label(c, base), c["train_tokens"]))
+    cells = sorted(results["cells"].values(), key=lambda c: (label(c), c["train_tokens"]))
     for c in cells:
         retention = f"{teacher_ppl / c['perplexity']:.3f}" if teacher_ppl else "-"
         rate = c["train_tokens"] / c["train_seconds"] if c["train_seconds"] else 0
         table.add_row(
-            label(c, base),
+            label(c),
             f"{c['train_tokens']:,}",
             f"{c['perplexity']:.2f}",
             retention,
@@ -187,14 +181,6 @@ def main() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
     results = load_results(args.out)
-    old_base = results.get("setup", {}).get("base_overrides", [])
-    results["cells"] = {  # cells keyed by label and budget, each with its own lr
-        f"{label(c, old_base)}@{c['train_tokens']}": {
-            **c,
-            "lr": c.get("lr") or cell_lr(c, old_base),
-        }
-        for c in results["cells"].values()
-    }
     if args.plot_only:
         plot(results, args.plot)
         print_table(results)
@@ -222,11 +208,7 @@ def main() -> None:
     ]
     cache_dir = workdir / f"topk-cache-{args.max_budget}"  # only loss=topk_cached reads it
     cfg = compose_recipe(overrides=base)
-    L.seed_everything(cfg.seed)
-    tokenizer = load_tokenizer(cfg.teacher.name_or_path)
-    teacher = load_causal_lm(cfg.teacher.name_or_path).eval().requires_grad_(False)
-    data = instantiate(cfg.data, tokenizer=tokenizer, seed=cfg.seed)
-    data.setup()
+    tokenizer, teacher, data = load_teacher_and_data(cfg)
     test = data.blocks["test"]
     teacher_top1 = teacher_argmax(teacher, test)
     results["teacher"] = {
@@ -256,9 +238,7 @@ def main() -> None:
             )
         vcfg = compose_recipe(overrides=[*base, *INITS[init], *overrides])
         if vcfg.loss.cache:  # the option's placeholder path → this benchmark's one cache
-            vcfg = compose_recipe(
-                overrides=[*base, *INITS[init], *overrides, f"loss.cache={cache_dir}"]
-            )
+            vcfg.loss.cache = str(cache_dir)
         if vcfg.loss.cache and not (Path(vcfg.loss.cache) / "meta.json").exists():
             t = time.perf_counter()
             write_cache(
@@ -285,7 +265,7 @@ def main() -> None:
                 "params": count_parameters(student),
                 **evaluate(student, test, teacher_top1),
             }
-            results["cells"][f"{label(cell, base)}@{cell['train_tokens']}"] = cell
+            results["cells"][f"{label(cell)}@{cell['train_tokens']}"] = cell
             log.info(
                 "%s @ %d tokens: ppl %.2f agree %.3f (%.0f s)",
                 name,

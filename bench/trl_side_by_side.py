@@ -227,9 +227,7 @@ class LoadSampler(threading.Thread):
 
 
 def parent(args) -> None:
-    import lightning as L
-    from distill_methods import evaluate, teacher_argmax
-    from hydra.utils import instantiate
+    from distill_methods import evaluate, load_teacher_and_data, teacher_argmax
     from provenance import provenance
     from rich.console import Console
     from rich.table import Table
@@ -239,7 +237,6 @@ def parent(args) -> None:
     from distill.models.loading import (
         count_parameters,
         load_causal_lm,
-        load_tokenizer,
         resolve_model_path,
     )
     from distill.prune.stage import prune_stage
@@ -257,12 +254,8 @@ def parent(args) -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     base = overrides(args, workdir)
     cfg = compose_recipe(overrides=base)
-    L.seed_everything(cfg.seed)
-    tokenizer = load_tokenizer(cfg.teacher.name_or_path)
+    tokenizer, teacher, data = load_teacher_and_data(cfg)
     teacher_dir = resolve_model_path(cfg.teacher.name_or_path)[0]
-    teacher = load_causal_lm(cfg.teacher.name_or_path).eval().requires_grad_(False)
-    data = instantiate(cfg.data, tokenizer=tokenizer, seed=cfg.seed)
-    data.setup()
     train_blocks, test = data.blocks["train"], data.blocks["test"]
     if len(train_blocks) != args.steps * args.batch_size:
         raise SystemExit(f"only {len(train_blocks)} train blocks for {args.steps} steps")
