@@ -31,7 +31,7 @@ IGNORE_INDEX = -100
 def _kl(log_p: Tensor, log_q: Tensor) -> Tensor:
     """KL(p ‖ q) per row; 0·log 0 counts as 0."""
     p = log_p.exp()
-    return torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p)).sum(-1)
+    return torch.where(p > 0, p * (log_p - log_q), 0.0).sum(-1)
 
 
 def _mix(log_a: Tensor, log_b: Tensor, weight_a: float) -> Tensor:
@@ -40,8 +40,17 @@ def _mix(log_a: Tensor, log_b: Tensor, weight_a: float) -> Tensor:
 
 
 def forward_kl(log_ps: Tensor, log_pt: Tensor) -> Tensor:
-    """KL(p_t ‖ p_s) = Σ_v p_t(v) (log p_t(v) − log p_s(v)); mode-covering. (N, V) → (N,)."""
-    return _kl(log_pt, log_ps)
+    """KL(p_t ‖ p_s) = Σ_v p_t(v) (log p_t(v) − log p_s(v)); mode-covering. (N, V) → (N,).
+
+    Taken as Σ p_t log p_t − Σ p_t log p_s (the same value and gradient as `_kl`): each term
+    makes one (N, V) temporary, summed and dropped at once, and backward keeps only p_t — where
+    `_kl` holds a difference, a product, a mask and the masked copy. These rows are the step's
+    largest tensors: at 1,016 rows × 49,152 that is 190 MiB each.
+    """
+    p_t = log_pt.exp()
+    # xlogy(0, 0) = 0: 0·log 0 counts as 0 where the teacher is 0. The cross term is unguarded:
+    # a student's log-probs are finite (finite logits), so p_t = 0 gives 0 there.
+    return torch.xlogy(p_t, p_t).sum(-1) - (p_t * log_ps).sum(-1)
 
 
 def reverse_kl(log_ps: Tensor, log_pt: Tensor) -> Tensor:
@@ -197,35 +206,42 @@ class KDLoss(nn.Module):
 
     def divergence(self, student_logits: Tensor, teacher: Tensor | TopK) -> Tensor:
         """Per-row divergence (N,) × T² for logits (N, V) against dense or top-k teacher rows."""
+        if not isinstance(teacher, TopK):
+            teacher = self.log_probs(teacher)
         return self._divergence(self.log_probs(student_logits), teacher)
 
     def _divergence(self, log_ps: Tensor, teacher: Tensor | TopK) -> Tensor:
+        """`teacher`: its log-probs at the temperature (N, V), or its top-k rows."""
         t = self.temperature
         if isinstance(teacher, TopK):
-            log_ps, log_pt = topk_buckets(log_ps, teacher)
-        else:
-            log_pt = self.log_probs(teacher)
-        return DIVERGENCES[self.kind](log_ps, log_pt, **self.params) * (t * t)
+            log_ps, teacher = topk_buckets(log_ps, teacher)
+        return DIVERGENCES[self.kind](log_ps, teacher, **self.params) * (t * t)
 
     def _chunk_sums(
         self, student, teacher, labels: Tensor, vocab: int | None, with_kd: bool, with_ce: bool
     ) -> Tensor:
-        """(Σ divergence, Σ CE) over one chunk of rows; logits live only inside this call."""
+        """(Σ divergence, Σ CE) over one chunk of rows; logits live only inside this call, and
+        no longer than needed: each full-vocabulary row tensor is the size of the step's peak."""
         s = _logits(student, vocab)
-        sums = [s.new_zeros((), dtype=torch.float32)] * 2
-        log_ps = None
-        if with_kd:
-            with torch.no_grad():
-                t = teacher if isinstance(teacher, TopK) else _logits(teacher, vocab)
-            log_ps = self.log_probs(s)
-            sums[0] = self._divergence(log_ps, t).sum()
-        if with_ce:
-            if log_ps is not None and self.temperature == 1:
-                # CE is the NLL of the T = 1 log-probs KD already holds: no second softmax.
-                sums[1] = F.nll_loss(log_ps, labels, reduction="sum")
-            else:
-                sums[1] = F.cross_entropy(s.float(), labels, reduction="sum")
-        return torch.stack(sums)
+        zero = s.new_zeros((), dtype=torch.float32)
+        if not with_kd:
+            return torch.stack([zero, F.cross_entropy(s.float(), labels, reduction="sum")])
+        log_ps = self.log_probs(s)
+        ce_from_log_ps = with_ce and self.temperature == 1
+        # CE from the T = 1 log-probs KD already holds (no second softmax); otherwise from logits.
+        ce = (
+            F.cross_entropy(s.float(), labels, reduction="sum")
+            if with_ce and not ce_from_log_ps
+            else zero
+        )
+        del s  # log_softmax's backward needs only its output
+        with torch.no_grad():
+            t = teacher if isinstance(teacher, TopK) else self.log_probs(_logits(teacher, vocab))
+        kd = self._divergence(log_ps, t).sum()
+        del t
+        if ce_from_log_ps:
+            ce = F.nll_loss(log_ps, labels, reduction="sum")
+        return torch.stack([kd, ce])
 
     def forward(
         self,

@@ -11,6 +11,7 @@ from distill.losses import (
     HeadStates,
     KDLoss,
     TopK,
+    _kl,
     cross_entropy,
     forward_kl,
     generalized_jsd,
@@ -369,3 +370,31 @@ def test_kd_plus_ce_at_t1_saves_one_log_softmax_for_backward():
     # the student's log-probs and what the divergence keeps of the teacher (4 when CE ran its
     # own log-softmax)
     assert len(big) <= 3, f"{len(big)} distinct (N, V) tensors saved for backward"
+
+
+def test_forward_kl_is_the_plain_kl_and_keeps_only_the_teacher_probs_for_backward():
+    """forward_kl splits KL into Σ p_t log p_t − Σ p_t log p_s to keep the step's peak low: same
+    value and gradients (on both sides) as the one-product `_kl`, and with a teacher that takes
+    no gradient, backward keeps one (N, V) tensor (p_t) where `_kl` keeps several."""
+    torch.manual_seed(14)
+    rows = (F.log_softmax(torch.randn(5, 11), -1), F.log_softmax(torch.randn(5, 11) * 3, -1))
+    split = [r.clone().requires_grad_() for r in rows]
+    plain = [r.clone().requires_grad_() for r in rows]
+    weights = torch.randn(5)
+    (forward_kl(*split) * weights).sum().backward()
+    (_kl(plain[1], plain[0]) * weights).sum().backward()
+    torch.testing.assert_close(forward_kl(*split), _kl(plain[1], plain[0]))
+    for a, b in zip(split, plain, strict=True):
+        torch.testing.assert_close(a.grad, b.grad)
+
+    def saved_numel(fn) -> int:
+        saved: list[int] = []
+        log_ps = rows[0].clone().requires_grad_()
+        with torch.autograd.graph.saved_tensors_hooks(
+            lambda x: saved.append(x.numel()) or x, lambda x: x
+        ):
+            fn(log_ps, rows[1])
+        return sum(saved)
+
+    assert saved_numel(forward_kl) == 5 * 11
+    assert saved_numel(lambda s, t: _kl(t, s)) >= 2 * 5 * 11  # p and the mask
