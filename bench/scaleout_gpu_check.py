@@ -35,6 +35,7 @@ def run_check(name: str, workdir: Path) -> dict:
     from distill.models.tiny import save_tiny_llama, tiny_llama_config
     from distill.module import DistillModule
     from distill.paths import configs_dir, recipes_dir
+    from distill.precision import lightning_precision
     from distill.rundir import register_resolvers
 
     trainer_option = {"fsdp": "fsdp", "ddp": "ddp", "deepspeed": "deepspeed"}.get(name, "gpu")
@@ -68,7 +69,10 @@ def run_check(name: str, workdir: Path) -> dict:
         lr=1e-2,
         optimizer="adamw8bit" if name == "adamw8bit" else "adamw",
     )
-    trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
+    precision = lightning_precision(cfg.trainer.precision, cfg.trainer.accelerator)
+    trainer = instantiate(
+        cfg.trainer, logger=False, enable_checkpointing=False, precision=precision
+    )
     trainer.fit(module, datamodule=data)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     info = {

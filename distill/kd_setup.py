@@ -14,7 +14,7 @@ from distill.data.text import TextDataModule
 from distill.hidden_kd import kept_layers_from, layer_pairs
 from distill.models.loading import load_tokenizer
 from distill.module import DistillModule, output_rows
-from distill.precision import AUTO, auto_precision
+from distill.precision import AUTO, lightning_precision
 from distill.progress import progress_callbacks
 from distill.quiet import one_lightning_handler
 from distill.trackers import build_loggers
@@ -55,7 +55,8 @@ def build_trainer(cfg: DictConfig, run_dir: Path, stage: str = "distill", **over
         overrides["logger"] = loggers or False
     one_lightning_handler()
     if str(cfg.trainer.get("precision")) == AUTO:  # configs composed outside the Hydra app
-        overrides.setdefault("precision", auto_precision(cfg.trainer.get("accelerator", "auto")))
+        accelerator = cfg.trainer.get("accelerator", "auto")
+        overrides.setdefault("precision", lightning_precision(AUTO, accelerator))
     max_steps = overrides.get("max_steps", cfg.trainer.get("max_steps"))
     callbacks += progress_callbacks(stage, max_steps)
     return instantiate(cfg.trainer, default_root_dir=str(run_dir), callbacks=callbacks, **overrides)

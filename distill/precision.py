@@ -36,6 +36,11 @@ def auto_precision(accelerator: str = "auto") -> str:
     return "bf16-mixed" if cpu_has_fast_bf16() else "32-true"
 
 
+def lightning_precision(precision, accelerator: str = "auto") -> str:
+    """`precision` as Lightning takes it: `auto` replaced by this machine's choice."""
+    return auto_precision(str(accelerator)) if str(precision) == AUTO else str(precision)
+
+
 def resolve_trainer_precision(cfg: DictConfig) -> None:
     """Replace `trainer.precision: auto` in `cfg` by the concrete choice (logged), so the saved
     config.yaml and every reader see what actually ran."""

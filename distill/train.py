@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from distill.data.text import TextDataModule
 from distill.kd_setup import build_datamodule, build_module, build_trainer
 from distill.models.loading import count_parameters, load_causal_lm, load_tokenizer, resolve_device
+from distill.precision import resolve_trainer_precision
 from distill.rundir import checkpoint_to_resume
 from distill.summary import print_comparison, print_headline
 from distill.validate import check_recipe
@@ -144,6 +145,7 @@ def served_name(cfg: DictConfig, run_dir: Path) -> str:
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:
+    resolve_trainer_precision(cfg)  # `auto` → what runs here, for every stage and the saved config
     if cfg.get("pipeline") == "vlm":  # recipes/vlm-teacher.yaml, nano-vlm.yaml
         from distill.vlm_train import run as run_vlm
 

@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from distill.kd_setup import build_trainer
 from distill.models.vlm import parameter_counts, save_processor
+from distill.precision import lightning_precision
 from distill.rundir import checkpoint_to_resume
 
 log = logging.getLogger(__name__)
@@ -81,7 +82,7 @@ def train_stage(
         data.setup()
         t = cfg.trainer
         csv = L.pytorch.loggers.CSVLogger(save_dir=str(run_dir), name="vision_pretrain", version="")
-        pretrain_vision(model, data, warm, {"accelerator": t.accelerator, "precision": t.precision,
+        pretrain_vision(model, data, warm, {"accelerator": t.accelerator, "precision": lightning_precision(t.precision, t.accelerator),
                         "gradient_clip_val": t.gradient_clip_val}, logger=csv)  # fmt: skip
     module = VQAModule(model, instantiate(cfg.loss), teacher=teacher, **cfg.optim, **module_kw)
     trainer = build_trainer(cfg, run_dir, stage="vqa")
@@ -106,7 +107,8 @@ def vqa_eval(
     answers, results = {}, {}
     runs = [(n, m, False) for n, m in models.items()]
     runs += [(f"{n} (blank image)", models[n], True) for n in blank]
-    bf16 = str(cfg.trainer.precision).startswith("bf16")  # eval in the precision trained in
+    trained_in = lightning_precision(cfg.trainer.precision, cfg.trainer.accelerator)
+    bf16 = trained_in.startswith("bf16")  # eval in the precision trained in
     for name, model, blank_image in runs:
         t = time.perf_counter()
         model.eval()

@@ -7,6 +7,7 @@ from hydra.utils import instantiate
 
 from distill.hydra_app import compose_recipe
 from distill.paths import configs_dir, recipes_dir
+from distill.precision import resolve_trainer_precision
 
 RECIPES = sorted(p.stem for p in recipes_dir().glob("*.yaml"))
 GROUP_OPTIONS = sorted((p.parent.name, p.stem) for p in configs_dir().glob("*/*.yaml"))
@@ -83,6 +84,8 @@ def test_loss_option_composes_the_loss_it_names(option):
 
 def test_components_instantiate(tmp_path, tokenizer):
     cfg = _compose("nano-text", ["trainer.max_steps=1"])
+    assert cfg.trainer.precision == "auto"  # the CPU default: resolved before the Trainer is made
+    resolve_trainer_precision(cfg)
     assert type(instantiate(cfg.loss)).__name__ == "KDLoss"
     trainer = instantiate(
         cfg.trainer, logger=False, enable_checkpointing=False, default_root_dir=str(tmp_path)
