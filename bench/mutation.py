@@ -141,6 +141,23 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
         "QuantizationArgs(num_bits=8, symmetric=True",
         "compressed-tensors' QuantizationArgs defaults type to int: the same config",
     ),
+    "distill.quant.x_build_scheme__mutmut_9": (
+        'get("embeddings", None)',
+        "bool(None) is False, the default the line names",
+    ),
+    "distill.quant.x_finish_qat__mutmut_9": (
+        'step="CONVERT"',
+        "torchao's QATConfig reads the step name case-insensitively",
+    ),
+    "distill.quant.x_compressed_tensors_config__mutmut_29": (
+        'type="INT"',
+        'compressed-tensors\' QuantizationArgs lower-cases the type: it equals type="int"',
+    ),
+    "distill.quant.x_save_int8__mutmut_5": (
+        "quantization_format=None",
+        "the model carries its compressed-tensors config (attached by to_int8), which already "
+        "names the int-quantized format that from_pretrained_model then reads",
+    ),
     "distill.quant.x_save_int8__mutmut_7": (
         "from_pretrained_model(model, )",
         "the model carries its compressed-tensors config (attached by to_int8), which already "
@@ -162,6 +179,13 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
         "with n = chunk_size there is one chunk: recomputing its logits in backward or keeping "
         "them gives the same values and gradients; only the memory differs",
     ),
+    "distill.losses.x_total_variation__mutmut_5": ("abs().sum(+1)", _ROWS),
+    "distill.losses.x_topk_buckets__mutmut_21": (
+        "unsqueeze(+1)",
+        "s_rest is (N,) before the unsqueeze, so dim 1 is dim -1",
+    ),
+    "distill.losses.x_topk_buckets__mutmut_29": ("t_top.exp().sum(+1)", _ROWS),
+    "distill.losses.xǁKDLossǁ__init____mutmut_53": ("torch.zeros(1, ), torch.zeros(1, 2)", _PROBE),
     "distill.losses.x_topk_buckets__mutmut_7": ("gather(+1", _ROWS),
     "distill.losses.x_topk_buckets__mutmut_16": ("sum(+1)", _ROWS),
     "distill.losses.x_topk_buckets__mutmut_34": (
@@ -190,6 +214,15 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
         "counts.to(None)",
         "Tensor.to(None) returns the int64 counts unchanged, and frequency × count promotes to "
         "the row's float dtype: the same values",
+    ),
+    "serve.engine.xǁEngineǁ_batch__mutmut_53": (
+        'decode_slots = ""',
+        "the placeholder is replaced whenever a row decodes, and attention reads decode_slots "
+        "only when num_decode > 0",
+    ),
+    "serve.engine.xǁEngineǁstep__mutmut_41": (
+        "zip(sampling, choices, )",
+        "choices come from sampling one row per entry of `sampling`: equal lengths always",
     ),
     "serve.engine.xǁEngineǁadd_request__mutmut_73": (
         "if (queue_size) and False else 0",

@@ -398,3 +398,21 @@ def test_forward_kl_is_the_plain_kl_and_keeps_only_the_teacher_probs_for_backwar
 
     assert saved_numel(forward_kl) == 5 * 11
     assert saved_numel(lambda s, t: _kl(t, s)) >= 2 * 5 * 11  # p and the mask
+
+
+@pytest.mark.parametrize("ce_weight", [0.0, 1.0])
+def test_one_chunk_keeps_two_row_tensors_for_backward(ce_weight):
+    """A single chunk of head states (no checkpointing): backward keeps the student's
+    log-probs and the teacher's probabilities, nothing more — no logits, no second softmax for
+    CE (at T = 1 CE reads KD's log-probs), and no CE graph when CE is off."""
+    torch.manual_seed(15)
+    rows, width, vocab = 12, 8, 50
+    head = torch.nn.Linear(width, vocab, bias=False)
+    s = torch.randn(1, rows, width, requires_grad=True)
+    t = torch.randn(1, rows, vocab)
+    saved: set[tuple[int, int]] = set()  # (storage, numel): nll_loss re-saves KD's log-probs
+    with torch.autograd.graph.saved_tensors_hooks(
+        lambda x: saved.add((x.data_ptr(), x.numel())) or x, lambda x: x
+    ):
+        KDLoss(ce_weight=ce_weight)(HeadStates(s, head), t, torch.randint(0, vocab, (1, rows)))
+    assert sum(n == rows * vocab for _, n in saved) == 2

@@ -63,6 +63,17 @@ def test_qat_fake_quant_uses_the_export_grid(tiny_llama):
     _assert_same_grid(fake_table, table.weight)
 
 
+def test_qat_without_tables_leaves_the_head_and_table_in_float(tiny_llama):
+    """embeddings=false (the default): only the decoder Linears get fake quantizers; the tied
+    head and the embedding table train in float, as the export keeps them."""
+    scheme = Int8Scheme(embeddings=False)
+    names = prepare_qat(tiny_llama, scheme)
+    fake = {n for n, m in tiny_llama.named_modules() if "FakeQuantized" in type(m).__name__}
+    assert fake == set(names) == set(scheme.linear_names(tiny_llama)) and len(fake) == 4 * 7
+    assert type(tiny_llama.lm_head) is torch.nn.Linear
+    assert type(tiny_llama.model.embed_tokens) is torch.nn.Embedding
+
+
 def _assert_same_grid(fake: torch.Tensor, weight: torch.Tensor) -> None:
     """torchao's fake quant == our int8 grid, up to one step on rare round-half ties."""
     q, scale = quantize_weight(weight)

@@ -30,6 +30,8 @@ def assert_aborted(engine: Engine, req, total_blocks: int) -> list[StepOutput]:
     outs = drain(req)
     finals = [o for o in outs if o.finish_reason is not None]
     assert sorted(o.index for o in finals) == list(range(req.params.n))
+    assert all(o.request_id == req.request_id for o in outs)  # the consumer can route them
+    assert req.request_id not in engine.requests
     assert all(o.finish_reason == "abort" and o.token_id is None for o in finals)
     assert finals[-1].usage is not None and outs[-1] is finals[-1]  # usage on the last output
     assert finals[-1].usage["completion_tokens"] == sum(o.token_id is not None for o in outs)

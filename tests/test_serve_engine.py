@@ -354,6 +354,8 @@ def test_collect_returns_text_logprobs_and_finish_per_choice(model_dir):
     outs = []
     while engine.has_work():
         outs += engine.step()
+    assert not engine.requests  # a finished request leaves the engine (nothing to abort)
+    assert {o.request_id for o in outs} == {req.request_id}
     choices = Engine.collect(req)
     assert len(choices) == 2 and choices[0].token_ids == choices[1].token_ids  # greedy
     for i, c in enumerate(choices):
@@ -421,6 +423,8 @@ def test_engine_defaults_are_the_documented_ones(model_dir):
     assert engine.pool.block_size == 16 and engine.pool.num_blocks == (1 << 30) // per_block
     s = engine.scheduler
     assert (s.max_tokens_per_step, s.max_seqs, s.background_tokens_per_step) == (512, 64, 8)
+    assert s.batch_tokens_per_step == 64  # README: "else 64 (`batch_tokens_per_step`"
+    assert "else 64 (`batch_tokens_per_step`" in readme
 
 
 def test_kv_cache_is_kept_in_the_models_dtype(model_dir):

@@ -173,6 +173,18 @@ def test_background_waits_to_be_admitted_once_its_allowance_is_spent():
     assert [s.request.request_id for s in sched.waiting] == ["b1"]
 
 
+def test_spent_allowance_admits_no_new_background_request():
+    """A running batch line uses the whole allowance: a new batch line waits (priority 1, the
+    batch API's) instead of joining with zero tokens of work."""
+    sched = scheduler(budget=16, background=3)
+    add(sched, range(4), max_tokens=4, priority=0, rid="chat")
+    add(sched, range(10), max_tokens=4, priority=1, rid="batch")
+    assert step(sched) == [("chat", 0, 0, 4), ("batch", 0, 0, 3)]
+    add(sched, range(20, 30), max_tokens=4, priority=1, rid="batch2")
+    assert step(sched) == [("chat", 0, 4, 1), ("batch", 0, 3, 3)]
+    assert [s.request.request_id for s in sched.waiting] == ["batch2"]
+
+
 def test_a_sequence_holding_all_its_blocks_reserves_nothing_more():
     """4 blocks of 4: a (6 + 2 tokens) holds both its blocks after its prefill, so b (4 + 4
     tokens, 2 blocks) fits in the other two at once."""
