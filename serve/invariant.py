@@ -82,6 +82,8 @@ def _scratch(kv: torch.Tensor, rows: int) -> torch.Tensor:
         kv.device,
         kv.shape[1:],
     )
+    # An inference tensor cannot be written outside inference mode (a direct call in a test).
+    fits = fits and buf.is_inference() == torch.is_inference_mode_enabled()
     if not fits or len(buf) < rows:
         size = max(rows, 2 * len(buf)) if fits else rows  # grow geometrically: few reallocations
         buf = _local.buf = kv.new_empty((size, *kv.shape[1:]))
