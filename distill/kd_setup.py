@@ -55,8 +55,8 @@ def build_trainer(cfg: DictConfig, run_dir: Path, stage: str = "distill", **over
         overrides["logger"] = loggers or False
     one_lightning_handler()
     if str(cfg.trainer.get("precision")) == AUTO:  # configs composed outside the Hydra app
-        accelerator = cfg.trainer.get("accelerator", "auto")
-        overrides.setdefault("precision", lightning_precision(AUTO, accelerator))
+        precision = lightning_precision(AUTO, cfg.trainer.get("accelerator", "auto"))
+        overrides.setdefault("precision", precision)
     max_steps = overrides.get("max_steps", cfg.trainer.get("max_steps"))
     callbacks += progress_callbacks(stage, max_steps)
     return instantiate(cfg.trainer, default_root_dir=str(run_dir), callbacks=callbacks, **overrides)

@@ -227,13 +227,11 @@ class KDLoss(nn.Module):
         if not with_kd:
             return torch.stack([zero, F.cross_entropy(s.float(), labels, reduction="sum")])
         log_ps = self.log_probs(s)
+        # At T = 1, CE is the NLL of the log-probs KD already holds (no second softmax).
         ce_from_log_ps = with_ce and self.temperature == 1
-        # CE from the T = 1 log-probs KD already holds (no second softmax); otherwise from logits.
-        ce = (
-            F.cross_entropy(s.float(), labels, reduction="sum")
-            if with_ce and not ce_from_log_ps
-            else zero
-        )
+        ce = zero
+        if with_ce and not ce_from_log_ps:
+            ce = F.cross_entropy(s.float(), labels, reduction="sum")
         del s  # log_softmax's backward needs only its output
         with torch.no_grad():
             t = teacher if isinstance(teacher, TopK) else self.log_probs(_logits(teacher, vocab))

@@ -82,7 +82,8 @@ def train_stage(
         data.setup()
         t = cfg.trainer
         csv = L.pytorch.loggers.CSVLogger(save_dir=str(run_dir), name="vision_pretrain", version="")
-        pretrain_vision(model, data, warm, {"accelerator": t.accelerator, "precision": lightning_precision(t.precision, t.accelerator),
+        precision = lightning_precision(t.precision, t.accelerator)
+        pretrain_vision(model, data, warm, {"accelerator": t.accelerator, "precision": precision,
                         "gradient_clip_val": t.gradient_clip_val}, logger=csv)  # fmt: skip
     module = VQAModule(model, instantiate(cfg.loss), teacher=teacher, **cfg.optim, **module_kw)
     trainer = build_trainer(cfg, run_dir, stage="vqa")

@@ -77,13 +77,12 @@ _local = threading.local()
 def _scratch(kv: torch.Tensor, rows: int) -> torch.Tensor:
     """A contiguous [rows, 2K, hd] view of this thread's reusable gather buffer."""
     buf = getattr(_local, "buf", None)
-    fits = buf is not None and (buf.dtype, buf.device, buf.shape[1:]) == (
-        kv.dtype,
-        kv.device,
-        kv.shape[1:],
+    # Same dtype, device and row layout, and the same inference-ness (an inference tensor
+    # cannot be written outside inference mode, e.g. a direct call in a test).
+    fits = buf is not None and (
+        (buf.dtype, buf.device, buf.shape[1:], buf.is_inference())
+        == (kv.dtype, kv.device, kv.shape[1:], torch.is_inference_mode_enabled())
     )
-    # An inference tensor cannot be written outside inference mode (a direct call in a test).
-    fits = fits and buf.is_inference() == torch.is_inference_mode_enabled()
     if not fits or len(buf) < rows:
         size = max(rows, 2 * len(buf)) if fits else rows  # grow geometrically: few reallocations
         buf = _local.buf = kv.new_empty((size, *kv.shape[1:]))
