@@ -111,7 +111,10 @@ class Idefics3Vision(nn.Module):
 def convert_vision_state_dict(
     state: dict[str, torch.Tensor], a: VisionArgs
 ) -> dict[str, torch.Tensor]:
-    """HF Idefics3 vision + connector tensor names → `Idefics3Vision`'s (q/k/v fused)."""
+    """HF Idefics3 vision + connector tensor names → `Idefics3Vision`'s (q/k/v fused).
+
+    An INT8 export's linears carry int8 `.weight` and per-row `.weight_scale`: both are kept
+    (q/k/v rows and their scales concatenate alike) for `serve.int8.swap_in_int8`."""
     src = "model.vision_model."
     out = {
         "patch_embed.weight": state[src + "embeddings.patch_embedding.weight"],
@@ -119,16 +122,23 @@ def convert_vision_state_dict(
         "pos_embed.weight": state[src + "embeddings.position_embedding.weight"],
         "post_norm.weight": state[src + "post_layernorm.weight"],
         "post_norm.bias": state[src + "post_layernorm.bias"],
-        "proj.weight": state["model.connector.modality_projection.proj.weight"],
     }
+
+    def linear(new: str, olds: list[str], kinds: tuple[str, ...]) -> None:
+        if f"{olds[0]}.weight_scale" in state:
+            kinds = (*kinds, "weight_scale")
+        for kind in kinds:
+            out[f"{new}.{kind}"] = torch.cat([state[f"{old}.{kind}"] for old in olds])
+
+    linear("proj", ["model.connector.modality_projection.proj"], ("weight",))
     for i in range(a.num_layers):
         p, q = f"{src}encoder.layers.{i}.", f"layers.{i}."
+        att = p + "self_attn."
+        linear(q + "qkv", [f"{att}{x}_proj" for x in "qkv"], ("weight", "bias"))
+        linear(q + "out", [f"{att}out_proj"], ("weight", "bias"))
+        linear(q + "fc1", [f"{p}mlp.fc1"], ("weight", "bias"))
+        linear(q + "fc2", [f"{p}mlp.fc2"], ("weight", "bias"))
         for kind in ("weight", "bias"):
-            att = p + "self_attn."
-            out[q + "qkv." + kind] = torch.cat([state[f"{att}{x}_proj.{kind}"] for x in "qkv"])
-            out[q + "out." + kind] = state[f"{att}out_proj.{kind}"]
             out[q + "norm1." + kind] = state[f"{p}layer_norm1.{kind}"]
             out[q + "norm2." + kind] = state[f"{p}layer_norm2.{kind}"]
-            out[q + "fc1." + kind] = state[f"{p}mlp.fc1.{kind}"]
-            out[q + "fc2." + kind] = state[f"{p}mlp.fc2.{kind}"]
     return out

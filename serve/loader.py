@@ -138,7 +138,17 @@ def load_vision(model_dir: str | Path) -> Idefics3Vision | None:
     with torch.device("meta"):
         vision = Idefics3Vision(args)
     state = convert_vision_state_dict(read_state_dict(model_dir), args)
-    vision.load_state_dict({k: v.float() for k, v in state.items()}, assign=True)
+    if any(t.dtype == torch.int8 for t in state.values()):
+        # W8A8 like the language model: an int8 weight cast to float without its scale would
+        # give the LM garbage image features, silently.
+        swap_in_int8(vision, state)
+        state = {
+            k: v for k, v in state.items() if v.dtype != torch.int8 and "weight_scale" not in k
+        }
+    vision.load_state_dict({k: v.float() for k, v in state.items()}, strict=False, assign=True)
+    missing = [n for n, p in vision.named_parameters() if p.is_meta]
+    if missing:
+        raise RuntimeError(f"serve runtime bug: vision parameters {missing[:5]} were not loaded")
     return vision.eval()
 
 

@@ -69,6 +69,44 @@ def test_logits_with_images_match_transformers(vlm):
     assert (engine.vision(pixels).flatten(0, 1) - expected).abs().max() <= 1e-4
 
 
+def test_int8_export_runs_its_int8_vision_tower_and_connector(vlm, tmp_path, tiny_teacher_dir):
+    """An INT8 export quantizes the ViT's and the connector's linears too (W8A8): the runtime
+    must run them as int8 with their scales. Casting the int8 weights to float without them
+    gave a trained nano-VLM garbage answers ('izencitcit' for 'yes') with no error."""
+    import copy
+
+    from distill.export import export
+    from distill.quant import Int8Scheme, to_int8
+
+    path, ref = vlm
+    out = export(path, tmp_path / "int8", quant="int8", tokenizer=tiny_teacher_dir)  # files only
+    engine = Engine.from_pretrained(out, num_blocks=32, block_size=8)
+    assert type(engine.vision.layers[0].qkv).__name__ == "Int8Linear"
+    assert type(engine.vision.proj).__name__ == "Int8Linear"
+    converted = to_int8(copy.deepcopy(ref), Int8Scheme())  # the export's numerics, in memory
+    pixels = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = converted.model.get_image_features(pixel_values=pixels[None]).pooler_output[0]
+        fp32 = ref.model.get_image_features(pixel_values=pixels[None]).pooler_output[0]
+    error = (engine.vision(pixels).flatten(0, 1) - expected).abs().max()
+    assert error <= 1e-4 * expected.abs().max()
+    assert (fp32 - expected).abs().max() > 20 * error  # the int8 grid is what it matched
+    # and the whole model: greedy tokens and logprobs of an image prompt as the converted model's
+    prompt = prompt_with_images(2)
+    params = SamplingParams(max_tokens=6, temperature=0, logprobs=True)
+    req = engine.add_request(prompt, params, pixel_values=pixels)
+    while engine.has_work():
+        engine.step()
+    (done,) = Engine.collect(req)
+    with torch.no_grad():
+        logits = converted(input_ids=torch.tensor([prompt + done.token_ids]),
+                           pixel_values=pixels[None]).logits[0]  # fmt: skip
+    logp = torch.log_softmax(logits[len(prompt) - 1 : -1], -1)
+    assert done.token_ids == logp.argmax(-1).tolist()
+    chosen = logp[torch.arange(6), torch.tensor(done.token_ids)]
+    assert (chosen - torch.tensor(done.logprobs)).abs().max() <= 1e-3
+
+
 def markup_ids(text: str) -> list[int]:
     """A stand-in tokenizer for this 320-token model: Idefics3's image markup → ids 300+, a
     newline → 10, other characters → their code point mod 290."""
