@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import base64
 import json
-import statistics
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -25,7 +24,7 @@ import openai
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from provenance import ROOT, provenance  # noqa: E402
-from serve_http import Server, free_port  # noqa: E402
+from serve_http import Server, free_port, percentile  # noqa: E402
 
 from eval.vqa import accuracy_by_type, easy_vqa_items  # noqa: E402
 
@@ -73,13 +72,13 @@ def main() -> None:
                 replies = [job.result() for job in jobs]
             wall = time.perf_counter() - start
         answers = [a for a, _ in replies]
-        latencies = sorted(s for _, s in replies)
+        latencies = [s for _, s in replies]
         scores = accuracy_by_type(answers, items)
         results[str(export)] = {
             "vqa": scores,
             "wall_seconds": wall,
-            "latency_p50_s": statistics.median(latencies),
-            "latency_p99_s": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
+            "latency_p50_s": percentile(latencies, 50),
+            "latency_p99_s": percentile(latencies, 99),
             "examples": [
                 {"image": str(i.image), "question": i.question, "answer": i.answer, "served": a}
                 for i, a in zip(items[:8], answers, strict=False)

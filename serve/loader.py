@@ -137,18 +137,9 @@ def load_vision(model_dir: str | Path) -> Idefics3Vision | None:
     args = VisionArgs.from_config(config)
     with torch.device("meta"):
         vision = Idefics3Vision(args)
-    state = convert_vision_state_dict(read_state_dict(model_dir), args)
-    if any(t.dtype == torch.int8 for t in state.values()):
-        # W8A8 like the language model: an int8 weight cast to float without its scale would
-        # give the LM garbage image features, silently.
-        swap_in_int8(vision, state)
-        state = {
-            k: v for k, v in state.items() if v.dtype != torch.int8 and "weight_scale" not in k
-        }
-    vision.load_state_dict({k: v.float() for k, v in state.items()}, strict=False, assign=True)
-    missing = [n for n, p in vision.named_parameters() if p.is_meta]
-    if missing:
-        raise RuntimeError(f"serve runtime bug: vision parameters {missing[:5]} were not loaded")
+    # W8A8 like the language model: an int8 weight cast to float without its scale gave the LM
+    # garbage image features, silently.
+    _assign(vision, convert_vision_state_dict(read_state_dict(model_dir), args))
     return vision.eval()
 
 
@@ -164,17 +155,27 @@ def load_model(model_dir: str | Path, dtype: torch.dtype = torch.float32) -> Lla
     with torch.device("meta"):
         model = LlamaModel(args)
     state = convert_hf_state_dict(read_state_dict(model_dir), args)
+    # a tied int8 head reuses the int8 table
+    tied_int8 = args.tie_word_embeddings and state["embed.weight"].dtype == torch.int8
+    _assign(model, state, dtype, lm_head_from="embed" if tied_int8 else None)
+    model.rope = rope_table(args)  # buffers were created on meta
+    return model.eval()
+
+
+def _assign(
+    module: torch.nn.Module,
+    state: dict[str, torch.Tensor],
+    dtype: torch.dtype = torch.float32,
+    lm_head_from: str | None = None,
+) -> None:
+    """Load a converted state into a meta-device `module`: INT8 layers (int8 `.weight` +
+    `.weight_scale`) become serve.int8's fbgemm modules, the rest is assigned in `dtype`."""
     if any(t.dtype == torch.int8 for t in state.values()):
-        # INT8 layers run on serve.int8's fbgemm kernels; a tied head reuses the int8 table.
-        tied_int8 = args.tie_word_embeddings and state["embed.weight"].dtype == torch.int8
-        swap_in_int8(model, state, lm_head_from="embed" if tied_int8 else None)
+        swap_in_int8(module, state, lm_head_from=lm_head_from)
         state = {
             k: v for k, v in state.items() if v.dtype != torch.int8 and "weight_scale" not in k
         }
-    state = {k: v.to(dtype) for k, v in state.items()}
-    model.load_state_dict(state, strict=False, assign=True)
-    missing = [n for n, p in model.named_parameters() if p.is_meta]
-    if missing:  # convert_hf_state_dict checked the checkpoint: this is the runtime's fault
+    module.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False, assign=True)
+    missing = [n for n, p in module.named_parameters() if p.is_meta]
+    if missing:  # the converters checked the checkpoint: this is the runtime's fault
         raise RuntimeError(f"serve runtime bug: parameters {missing[:5]} were not loaded")
-    model.rope = rope_table(args)  # buffers were created on meta
-    return model.eval()
