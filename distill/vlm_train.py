@@ -76,7 +76,12 @@ def train_stage(
         data = instantiate(cfg.data, processor=processor, seed=cfg.seed)
     resume_from = checkpoint_to_resume(run_dir, cfg.resume)
     warm = cfg.get("vision_pretrain")
-    if warm and warm.steps > 0 and not cfg.data.get("blank_images") and resume_from is None:
+    if (
+        warm
+        and warm.heads_steps + warm.words_steps > 0
+        and not cfg.data.get("blank_images")
+        and resume_from is None
+    ):
         from distill.vision_pretrain import pretrain_vision
 
         data.setup()

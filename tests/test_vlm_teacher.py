@@ -44,7 +44,8 @@ TINY_OVERRIDES = [
     "eval.batch_size=4",
     "eval.examples=3",
     "logger=csv",
-    "vision_pretrain.steps=2",
+    "vision_pretrain.heads_steps=2",
+    "vision_pretrain.words_steps=2",
     "vision_pretrain.batch_size=8",
 ]
 
@@ -252,3 +253,45 @@ def test_image_attributes_read_off_the_answers():
     real = image_attributes(easy_vqa_split("train"))
     labelled = torch.tensor(list(real.values()))
     assert len(real) == 4000 and (labelled >= 0).float().mean() > 0.9
+
+
+def test_word_grounding_teaches_tower_and_connector_the_lm_words(tiny_vlm):
+    """The `words` warm-up: image tokens regress onto the LM's embeddings of the colour word;
+    on solid-colour tiles a few dozen steps make every image's tokens nearest its own colour
+    word, and only the tower and connector move (the LM is the fixed vocabulary)."""
+    import copy
+
+    import lightning as L
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from distill.vision_pretrain import COLOURS, SHAPES, WordGrounding, word_embeddings
+
+    model, processor = tiny_vlm
+    model = copy.deepcopy(model)
+    tok = processor.tokenizer
+    table = model.get_input_embeddings().weight
+    colours = word_embeddings(model, tok, COLOURS)
+    red = tok(" red", add_special_tokens=False)["input_ids"]
+    teal = tok(" teal", add_special_tokens=False)["input_ids"]
+    assert len(red) == 1 and len(teal) == 2  # " teal" is two tokens: their mean
+    assert torch.equal(colours[COLOURS.index("red")], table[red[0]].detach())
+    assert torch.allclose(colours[COLOURS.index("teal")], table[teal].detach().mean(0))
+
+    corners = torch.tensor([[r, g, b] for r in (-1, 1) for g in (-1, 1) for b in (-1, 1)])
+    labels = torch.tensor([[-1, c] for c in range(len(COLOURS))] * 4)  # shape unknown
+    pixels = corners[labels[:, 1]].float()[:, :, None, None].expand(-1, 3, 64, 64).contiguous()
+    lm_before = copy.deepcopy(model.model.text_model.state_dict())
+    probe = WordGrounding(model, colours, word_embeddings(model, tok, SHAPES), lr=3e-3)
+    with torch.no_grad():
+        before = probe.word_logits(probe.tokens(pixels[:8]), colours).argmax(-1)
+    assert not torch.equal(before, labels[:8, 1])
+    trainer = L.Trainer(max_steps=80, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    trainer.fit(probe, DataLoader(TensorDataset(pixels, labels), batch_size=8, shuffle=True))
+
+    with torch.no_grad():
+        tokens = probe.tokens(pixels[:8])
+    nearest = torch.nn.functional.cosine_similarity(tokens[:, :, None], colours, dim=-1).argmax(-1)
+    assert torch.equal(nearest, labels[:8, 1, None].expand_as(nearest))  # every token
+    after = model.model.text_model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in lm_before.items())
