@@ -277,21 +277,22 @@ def test_word_grounding_teaches_tower_and_connector_the_lm_words(tiny_vlm):
     assert torch.equal(colours[COLOURS.index("red")], table[red[0]].detach())
     assert torch.allclose(colours[COLOURS.index("teal")], table[teal].detach().mean(0))
 
-    corners = torch.tensor([[r, g, b] for r in (-1, 1) for g in (-1, 1) for b in (-1, 1)])
-    labels = torch.tensor([[-1, c] for c in range(len(COLOURS))] * 4)  # shape unknown
-    pixels = corners[labels[:, 1]].float()[:, :, None, None].expand(-1, 3, 64, 64).contiguous()
+    rgb = {"black": (-1, -1, -1), "red": (1, -1, -1), "green": (-1, 1, -1), "blue": (-1, -1, 1)}
+    labels = torch.tensor([[-1, COLOURS.index(c)] for c in rgb] * 2)  # shape unknown
+    pixels = torch.tensor(list(rgb.values()) * 2).float()[:, :, None, None]
+    pixels = pixels.expand(-1, 3, 64, 64).contiguous()
     lm_before = copy.deepcopy(model.model.text_model.state_dict())
-    probe = WordGrounding(model, colours, word_embeddings(model, tok, SHAPES), lr=3e-3)
+    probe = WordGrounding(model, colours, word_embeddings(model, tok, SHAPES), lr=1e-2)
     with torch.no_grad():
-        before = probe.word_logits(probe.tokens(pixels[:8]), colours).argmax(-1)
-    assert not torch.equal(before, labels[:8, 1])
-    trainer = L.Trainer(max_steps=80, logger=False, enable_checkpointing=False,
+        before = probe.word_logits(probe.tokens(pixels), colours).argmax(-1)
+    assert not torch.equal(before, labels[:, 1])
+    trainer = L.Trainer(max_steps=100, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
     trainer.fit(probe, DataLoader(TensorDataset(pixels, labels), batch_size=8, shuffle=True))
 
     with torch.no_grad():
-        tokens = probe.tokens(pixels[:8])
+        tokens = probe.tokens(pixels)
     nearest = torch.nn.functional.cosine_similarity(tokens[:, :, None], colours, dim=-1).argmax(-1)
-    assert torch.equal(nearest, labels[:8, 1, None].expand_as(nearest))  # every token
+    assert torch.equal(nearest, labels[:, 1, None].expand_as(nearest))  # every token
     after = model.model.text_model.state_dict()
     assert all(torch.equal(after[k], v) for k, v in lm_before.items())
