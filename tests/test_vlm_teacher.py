@@ -296,3 +296,36 @@ def test_word_grounding_teaches_tower_and_connector_the_lm_words(tiny_vlm):
     assert torch.equal(nearest, labels[:, 1, None].expand_as(nearest))  # every token
     after = model.model.text_model.state_dict()
     assert all(torch.equal(after[k], v) for k, v in lm_before.items())
+
+
+def test_word_grounding_puts_the_shape_on_its_best_token_and_the_colour_on_the_rest(tiny_vlm):
+    """The loss is zero MSE exactly when one token (any one) is the shape word and every other
+    token the colour word; a token set without the shape word pays for it."""
+    from distill.vision_pretrain import COLOURS, SHAPES, WordGrounding, word_embeddings
+
+    model, processor = tiny_vlm
+    colours = word_embeddings(model, processor.tokenizer, COLOURS)
+    shapes = word_embeddings(model, processor.tokenizer, SHAPES)
+
+    class Fixed(WordGrounding):  # the loss on chosen connector outputs
+        def tokens(self, pixels):
+            return pixels
+
+    probe = Fixed(model, colours, shapes)
+    red, triangle = colours[COLOURS.index("red")], shapes[SHAPES.index("triangle")]
+    labels = torch.tensor([[SHAPES.index("triangle"), COLOURS.index("red")]])
+
+    def loss(tokens):
+        with pytest.warns(UserWarning):  # self.log outside a Trainer
+            return float(probe.training_step((tokens[None], labels), 0))
+
+    right = torch.stack([red, red, triangle, red])
+    moved = torch.stack([triangle, red, red, red])
+    no_shape = torch.stack([red, red, red, red])
+    ce_only = loss(right)
+    assert loss(moved) == pytest.approx(ce_only)  # any token may carry the shape
+    assert loss(no_shape) > ce_only + 0.5  # its shape token is far from " triangle"
+    unknown = torch.tensor([[-1, COLOURS.index("red")]])
+    with pytest.warns(UserWarning):
+        colour_only = float(probe.training_step((no_shape[None], unknown), 0))
+    assert colour_only < ce_only  # shape unknown: all red is right, no shape term
