@@ -89,5 +89,10 @@ def test_vision_width_must_be_whole_heads(vlm_and_batches):
     model, _ = vlm_and_batches
     config = model.model.vision_model.config
     assert vision_dims(config, {"hidden_size": 48}).num_attention_heads == 3
+    unset = {"num_hidden_layers": None, "hidden_size": None, "intermediate_size": None}
+    assert vision_dims(config, unset) == vision_dims(
+        config, {}
+    )  # the recipe's nulls: the teacher's
+    assert vision_dims(config, {}).hidden_size == config.hidden_size
     with pytest.raises(ValueError, match="num_attention_heads × 16"):
         vision_dims(config, {"hidden_size": 40})

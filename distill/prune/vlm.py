@@ -52,6 +52,7 @@ def lm_inputs(vlm: nn.Module, batches: list[dict[str, Tensor]]) -> list[dict[str
 
 def vision_dims(config, targets: dict) -> Dims:
     """The tower's student shape; hidden_size must stay heads × the teacher's head_dim."""
+    targets = {k: v for k, v in targets.items() if v is not None}  # None = the teacher's
     dims = Dims.of(config).replace(**{k: v for k, v in targets.items() if k in DIM_NAMES})
     head_dim = head_dim_of(config)
     heads = dims.num_attention_heads
