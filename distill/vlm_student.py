@@ -145,6 +145,19 @@ def run_student(cfg: DictConfig, run_dir: Path) -> dict:
     channels = record["lm_channels"] if cfg.feature_kd_weight > 0 else None
 
     t = time.perf_counter()
+    vision_kd = cfg.get("vision_kd")
+    if vision_kd and vision_kd.steps > 0 and not (run_dir / "student" / "config.json").exists():
+        from distill.precision import lightning_precision
+        from distill.vision_pretrain import distill_vision
+
+        tc = cfg.trainer
+        csv = L.pytorch.loggers.CSVLogger(save_dir=str(run_dir), name="vision_kd", version="")
+        distill_vision(student, teacher, record["lm_channels"], data, vision_kd,
+                       {"accelerator": tc.accelerator,
+                        "precision": lightning_precision(tc.precision, tc.accelerator)},
+                       logger=csv)  # fmt: skip
+        stages["vision_kd"] = time.perf_counter() - t
+        t = time.perf_counter()
     student = train_stage(cfg, student, processor, run_dir, run_dir / "student", teacher=teacher,
                           data=data, feature_kd_weight=cfg.feature_kd_weight,
                           feature_channels=channels)  # fmt: skip

@@ -96,3 +96,39 @@ def test_vision_width_must_be_whole_heads(vlm_and_batches):
     assert vision_dims(config, {}).hidden_size == config.hidden_size
     with pytest.raises(ValueError, match="num_attention_heads × 16"):
         vision_dims(config, {"hidden_size": 40})
+
+
+def test_token_distill_moves_a_pruned_towers_tokens_toward_the_teachers(vlm_and_batches):
+    """vision_kd: a pruned tower + connector regress onto the teacher's image tokens (kept LM
+    channels); the error falls and only the student's tower and connector change."""
+    import copy
+
+    import lightning as L
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from distill.vision_pretrain import TokenDistill
+
+    model, batches = vlm_and_batches
+    teacher = copy.deepcopy(model)
+    vision = {"num_hidden_layers": 2, "hidden_size": 32, "intermediate_size": 64}
+    student, record = prune_vlm(teacher, batches, vision, {"hidden_size": 48})
+    channels = record["lm_channels"]
+    pixels = torch.cat([b["pixel_values"][:, 0] for b in batches])  # [images, 3, S, S]
+    teacher_before = copy.deepcopy(teacher.state_dict())
+    lm_before = copy.deepcopy(student.model.text_model.state_dict())
+
+    def error():
+        with torch.no_grad():
+            t = teacher.model.connector(teacher.model.vision_model(pixel_values=pixels)[0])
+            s = student.model.connector(student.model.vision_model(pixel_values=pixels)[0])
+        return float((s - t[..., channels]).pow(2).mean() / t[..., channels].pow(2).mean())
+
+    before = error()
+    probe = TokenDistill(student, teacher, channels, lr=3e-3, warmup_steps=1)
+    trainer = L.Trainer(max_steps=30, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    trainer.fit(probe, DataLoader(TensorDataset(pixels), batch_size=4, shuffle=True))
+    assert error() < 0.5 * before
+    assert all(torch.equal(teacher.state_dict()[k], v) for k, v in teacher_before.items())
+    lm_after = student.model.text_model.state_dict()
+    assert all(torch.equal(lm_after[k], v) for k, v in lm_before.items())
