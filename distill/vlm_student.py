@@ -1,5 +1,6 @@
-"""The nano-vlm recipe: VLM teacher → prune (vision tower + LM + connector) → KD on answer
-tokens (+ connector feature KD) → int8 (PTQ, or KD-QAT) → VQA eval with retention → export."""
+"""The nano-vlm recipe: VLM teacher → prune (vision tower + LM + connector) → vision_kd (the
+pruned tower learns the teacher's image tokens, images only) → KD on answer tokens (+ connector
+feature KD) → int8 (PTQ, or KD-QAT) → VQA eval with retention → export."""
 
 from __future__ import annotations
 
@@ -51,7 +52,7 @@ def find_teacher(cfg: DictConfig) -> Path:
             "train",
             [
                 f"no VLM teacher under {Path(cfg.output_root) / 'vlm-teacher'}: train it first with "
-                f"`{TEACHER_RECIPE}` (about 45 min on 2 CPU cores), or point teacher.path=<dir> at "
+                f"`{TEACHER_RECIPE}` (about 20 min on 2 CPU cores), or point teacher.path=<dir> at "
                 "an Idefics3 model directory"
             ],
         )

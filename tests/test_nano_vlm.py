@@ -28,6 +28,8 @@ TINY = [
     "+student.lm.num_hidden_layers=2",
     "+student.lm.hidden_size=48",
     "student.calibration_batches=2",
+    "vision_kd.steps=2",
+    "vision_kd.batch_size=8",
     "data.max_train_questions=48",
     "data.validation_images=4",
     "data.max_validation_questions=8",
@@ -66,6 +68,8 @@ def test_recipe_prunes_distills_quantizes_evaluates_exports(tmp_path, teacher_ro
     run(cfg, run_dir)
     saved = json.loads((run_dir / "metrics.json").read_text())
     assert set(saved["vqa"]) == {"teacher", "student", "student_int8"}
+    assert "vision_kd" in saved["stage_seconds"]  # the pruned tower learned the teacher's tokens
+    assert (run_dir / "vision_kd" / "metrics.csv").is_file()
     p = saved["parameters"]
     assert (
         p["student"]["vision"] < p["teacher"]["vision"] and p["student"]["lm"] < p["teacher"]["lm"]
