@@ -28,6 +28,7 @@ from torch.utils.data import TensorDataset
 
 from distill.data.resumable import ResumableLoader
 from distill.data.vqa import SHAPES, VQAItem
+from distill.precision import lightning_precision
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,11 @@ def image_attributes(items: list[VQAItem]) -> dict[int, list[int]]:
             else:
                 labels[1] = COLOURS.index(w)
     return found
+
+
+def image_tokens(vision: nn.Module, connector: nn.Module, pixels: Tensor) -> Tensor:
+    """[B, tokens, d] float: what an Idefics3 puts at an image's positions, for tiles [B, 3, S, S]."""
+    return connector(vision(pixel_values=pixels).last_hidden_state).float()
 
 
 class Warmup(L.LightningModule):
@@ -129,7 +135,7 @@ class WordGrounding(Warmup):
         self.scale = float(torch.cat([colours, shapes]).pow(2).mean())
 
     def tokens(self, pixels: Tensor) -> Tensor:
-        return self.connector(self.vision(pixel_values=pixels).last_hidden_state).float()
+        return image_tokens(self.vision, self.connector, pixels)
 
     @staticmethod
     def word_logits(tokens: Tensor, table: Tensor, temperature: float = 0.1) -> Tensor:
@@ -168,7 +174,25 @@ class WordGrounding(Warmup):
         return total
 
 
-def pretrain_vision(model: nn.Module, data, cfg, trainer_kwargs: dict, logger=False) -> None:
+def fit_warmup(probe: Warmup, dataset, steps: int, batch_size: int, seed: int, trainer_cfg,
+               logger=False) -> None:  # fmt: skip
+    """`steps` of `probe` on `dataset` in the recipe trainer's accelerator, precision and
+    gradient clipping; 0 steps does nothing."""
+    if steps <= 0:
+        return
+    trainer = L.Trainer(
+        max_steps=steps,
+        logger=logger,
+        enable_checkpointing=False,
+        log_every_n_steps=5,
+        accelerator=trainer_cfg.accelerator,
+        precision=lightning_precision(trainer_cfg.precision, trainer_cfg.accelerator),
+        gradient_clip_val=trainer_cfg.get("gradient_clip_val"),
+    )
+    trainer.fit(probe, train_dataloaders=ResumableLoader(dataset, batch_size, seed))
+
+
+def pretrain_vision(model: nn.Module, data, cfg, trainer_cfg, logger=False) -> None:
     """Warm up `model`'s vision tower and connector in place on the datamodule's train images:
     `cfg.heads_steps` of `AttributeProbe`, then `cfg.words_steps` of `WordGrounding`."""
     attrs = image_attributes(data.train_items)
@@ -177,20 +201,15 @@ def pretrain_vision(model: nn.Module, data, cfg, trainer_kwargs: dict, logger=Fa
     labels = torch.tensor([attrs[i] for i in rows], dtype=torch.long)
     log.info("vision warm-up: %d images, labelled %.3f shape / %.3f colour", len(labels),
              (labels[:, 0] >= 0).float().mean(), (labels[:, 1] >= 0).float().mean())  # fmt: skip
+    dataset = TensorDataset(pixels, labels)
+    heads = AttributeProbe(model.model.vision_model, cfg.lr, cfg.warmup_steps)
+    fit_warmup(heads, dataset, cfg.heads_steps, cfg.batch_size, cfg.seed, trainer_cfg, logger)
     tokenizer = data.processor.tokenizer
     colours = word_embeddings(model, tokenizer, COLOURS)
     shapes = word_embeddings(model, tokenizer, SHAPES)
-    phases = (
-        (cfg.heads_steps, AttributeProbe(model.model.vision_model, cfg.lr, cfg.warmup_steps)),
-        (cfg.words_steps, WordGrounding(model, colours, shapes, cfg.lr, cfg.warmup_steps)),
-    )
-    for phase, (steps, probe) in enumerate(phases):
-        if steps <= 0:
-            continue
-        loader = ResumableLoader(TensorDataset(pixels, labels), cfg.batch_size, cfg.seed + phase)
-        trainer = L.Trainer(max_steps=steps, logger=logger, enable_checkpointing=False,
-                            log_every_n_steps=5, **trainer_kwargs)  # fmt: skip
-        trainer.fit(probe, train_dataloaders=loader)
+    words = WordGrounding(model, colours, shapes, cfg.lr, cfg.warmup_steps)
+    # seed + 1: its own batch order (the same seed would replay phase 1's batches)
+    fit_warmup(words, dataset, cfg.words_steps, cfg.batch_size, cfg.seed + 1, trainer_cfg, logger)
 
 
 class TokenDistill(Warmup):
@@ -199,7 +218,7 @@ class TokenDistill(Warmup):
     channels the student kept. Pruning the tower loses the word grounding (held-out shape 0.96 →
     0.56 at 4×128), and answer-token KD recovers it too slowly; the tokens are a dense target."""
 
-    def __init__(self, student: nn.Module, teacher: nn.Module, channels: list[int] | None,
+    def __init__(self, student: nn.Module, teacher: nn.Module, channels: list[int],
                  lr: float = 3e-4, warmup_steps: int = 20) -> None:  # fmt: skip
         super().__init__()
         self.vision, self.connector = student.model.vision_model, student.model.connector
@@ -211,20 +230,19 @@ class TokenDistill(Warmup):
         pixels = batch[0]
         teacher = self._teacher[0].model
         with torch.no_grad():
-            target = teacher.connector(teacher.vision_model(pixel_values=pixels).last_hidden_state)
-            target = (target if self.channels is None else target[..., self.channels]).float()
-        tokens = self.connector(self.vision(pixel_values=pixels).last_hidden_state).float()
-        loss = F.mse_loss(tokens, target) / target.pow(2).mean()
+            target = image_tokens(teacher.vision_model, teacher.connector, pixels)
+            target = target[..., self.channels]
+        loss = F.mse_loss(self.tokens(pixels), target) / target.pow(2).mean()
         self.log("vision/token_mse", loss, prog_bar=True)
         return loss
 
+    def tokens(self, pixels: Tensor) -> Tensor:
+        return image_tokens(self.vision, self.connector, pixels)
 
-def distill_vision(student: nn.Module, teacher: nn.Module, channels, data, cfg,
-                   trainer_kwargs: dict, logger=False) -> None:  # fmt: skip
-    """`TokenDistill` for `cfg.steps` on the datamodule's train images (in place)."""
-    pixels = data.train_set.tiles
+
+def distill_vision(student: nn.Module, teacher: nn.Module, channels: list[int], data, cfg,
+                   trainer_cfg, logger=False) -> None:  # fmt: skip
+    """`cfg.steps` of `TokenDistill` on the datamodule's train images (in place)."""
     probe = TokenDistill(student, teacher, channels, cfg.lr, cfg.warmup_steps)
-    loader = ResumableLoader(TensorDataset(pixels), cfg.batch_size, cfg.seed)
-    trainer = L.Trainer(max_steps=cfg.steps, logger=logger, enable_checkpointing=False,
-                        log_every_n_steps=5, **trainer_kwargs)  # fmt: skip
-    trainer.fit(probe, train_dataloaders=loader)
+    tiles = TensorDataset(data.train_set.tiles)
+    fit_warmup(probe, tiles, cfg.steps, cfg.batch_size, cfg.seed, trainer_cfg, logger)

@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from distill.models.vlm import parameter_counts, save_processor
 from distill.validate import ConfigError
-from distill.vlm_train import train_stage, vqa_eval, write_summary
+from distill.vlm_train import csv_logger, train_stage, vqa_eval, write_summary
 
 log = logging.getLogger(__name__)
 
@@ -145,24 +145,20 @@ def run_student(cfg: DictConfig, run_dir: Path) -> dict:
     stages["prune"] = time.perf_counter() - t
     channels = record["lm_channels"] if cfg.feature_kd_weight > 0 else None
 
-    t = time.perf_counter()
-    vision_kd = cfg.get("vision_kd")
-    if vision_kd and vision_kd.steps > 0 and not (run_dir / "student" / "config.json").exists():
-        from distill.precision import lightning_precision
+    def warm_up(data):  # the pruned tower learns the teacher's image tokens first
         from distill.vision_pretrain import distill_vision
 
-        tc = cfg.trainer
-        csv = L.pytorch.loggers.CSVLogger(save_dir=str(run_dir), name="vision_kd", version="")
-        distill_vision(student, teacher, record["lm_channels"], data, vision_kd,
-                       {"accelerator": tc.accelerator,
-                        "precision": lightning_precision(tc.precision, tc.accelerator)},
-                       logger=csv)  # fmt: skip
-        stages["vision_kd"] = time.perf_counter() - t
-        t = time.perf_counter()
+        s = time.perf_counter()
+        distill_vision(student, teacher, record["lm_channels"], data, cfg.vision_kd, cfg.trainer,
+                       csv_logger(run_dir, "vision_kd"))  # fmt: skip
+        stages["vision_kd"] = time.perf_counter() - s
+
+    t = time.perf_counter()
     student = train_stage(cfg, student, processor, run_dir, run_dir / "student", teacher=teacher,
-                          data=data, feature_kd_weight=cfg.feature_kd_weight,
+                          data=data, warm_up=warm_up if cfg.get("vision_kd") else None,
+                          feature_kd_weight=cfg.feature_kd_weight,
                           feature_channels=channels)  # fmt: skip
-    stages["distill"] = time.perf_counter() - t
+    stages["distill"] = time.perf_counter() - t - stages.get("vision_kd", 0.0)
 
     models = {"teacher": teacher, "student": student}
     if cfg.quant.method != "none":

@@ -52,6 +52,11 @@ def freeze_parts(model: torch.nn.Module, parts: list[str]) -> dict[str, int]:
     return {"trainable": trainable, "frozen": sum(p.numel() for p in unique) - trainable}
 
 
+def csv_logger(run_dir: Path, name: str):
+    """A CSV logger writing `<run_dir>/<name>/metrics.csv` (the warm-up stages' logs)."""
+    return L.pytorch.loggers.CSVLogger(save_dir=str(run_dir), name=name, version="")
+
+
 def train_stage(
     cfg,
     model,
@@ -61,35 +66,26 @@ def train_stage(
     teacher=None,
     save=True,
     data=None,
+    warm_up=None,
     **module_kw,
 ):
     """Fit `model` on easy-VQA (CE, or KD from `teacher`); saves it with its processor.
-    `data`: a set-up VQADataModule to reuse (default: built from cfg.data)."""
+    `data`: a set-up VQADataModule to reuse (default: built from cfg.data). `warm_up(data)`:
+    runs before the fit (and before `cfg.freeze` applies) unless the stage is skipped or
+    resumed from a checkpoint, which already holds its result."""
     from distill.vlm_module import VQAModule
 
     if save and (out_dir / "config.json").exists() and not cfg.force:
         log.info("train: %s exists, skipping (force=true reruns)", out_dir)
         return type(model).from_pretrained(out_dir)
-    counts = freeze_parts(model, list(cfg.freeze))
-    log.info("train: freeze %s → %s", list(cfg.freeze), counts)
     if data is None:
         data = instantiate(cfg.data, processor=processor, seed=cfg.seed)
     resume_from = checkpoint_to_resume(run_dir, cfg.resume)
-    warm = cfg.get("vision_pretrain")
-    if (
-        warm
-        and warm.heads_steps + warm.words_steps > 0
-        and not cfg.data.get("blank_images")
-        and resume_from is None
-    ):
-        from distill.vision_pretrain import pretrain_vision
-
+    if warm_up is not None and resume_from is None:
         data.setup()
-        t = cfg.trainer
-        csv = L.pytorch.loggers.CSVLogger(save_dir=str(run_dir), name="vision_pretrain", version="")
-        precision = lightning_precision(t.precision, t.accelerator)
-        pretrain_vision(model, data, warm, {"accelerator": t.accelerator, "precision": precision,
-                        "gradient_clip_val": t.gradient_clip_val}, logger=csv)  # fmt: skip
+        warm_up(data)
+    counts = freeze_parts(model, list(cfg.freeze))
+    log.info("train: freeze %s → %s", list(cfg.freeze), counts)
     module = VQAModule(model, instantiate(cfg.loss), teacher=teacher, **cfg.optim, **module_kw)
     trainer = build_trainer(cfg, run_dir, stage="vqa")
     trainer.fit(module, datamodule=data, ckpt_path=resume_from)
@@ -163,7 +159,15 @@ def run_teacher(cfg: DictConfig, run_dir: Path) -> dict:
     )
     stages = {"setup": time.perf_counter() - start}
     s = time.perf_counter()
-    model = train_stage(cfg, model, processor, run_dir, run_dir / "model")
+    warm, warm_up = cfg.get("vision_pretrain"), None
+    if warm and not cfg.data.get("blank_images"):  # the blind baseline has nothing to see
+
+        def warm_up(data):
+            from distill.vision_pretrain import pretrain_vision
+
+            pretrain_vision(model, data, warm, cfg.trainer, csv_logger(run_dir, "vision_pretrain"))
+
+    model = train_stage(cfg, model, processor, run_dir, run_dir / "model", warm_up=warm_up)
     stages["train"] = time.perf_counter() - s
     s = time.perf_counter()
     name = "blind" if cfg.data.get("blank_images") else "teacher"

@@ -106,7 +106,7 @@ def test_token_distill_moves_a_pruned_towers_tokens_toward_the_teachers(vlm_and_
     import lightning as L
     from torch.utils.data import DataLoader, TensorDataset
 
-    from distill.vision_pretrain import TokenDistill
+    from distill.vision_pretrain import TokenDistill, image_tokens
 
     model, batches = vlm_and_batches
     teacher = copy.deepcopy(model)
@@ -119,8 +119,8 @@ def test_token_distill_moves_a_pruned_towers_tokens_toward_the_teachers(vlm_and_
 
     def error():
         with torch.no_grad():
-            t = teacher.model.connector(teacher.model.vision_model(pixel_values=pixels)[0])
-            s = student.model.connector(student.model.vision_model(pixel_values=pixels)[0])
+            t = image_tokens(teacher.model.vision_model, teacher.model.connector, pixels)
+            s = image_tokens(student.model.vision_model, student.model.connector, pixels)
         return float((s - t[..., channels]).pow(2).mean() / t[..., channels].pow(2).mean())
 
     before = error()
