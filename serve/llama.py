@@ -107,6 +107,22 @@ class LlamaModel(nn.Module):
         )
         self.register_buffer("rope", rope_table(args), persistent=False)
 
+    def pack_linears(self) -> None:
+        """Swap fp32 CPU linears for oneDNN-prepacked ones (`serve.invariant.PackedLinear`,
+        ~2× faster decode GEMMs, same batch invariance) where this CPU allows; a tied fp32 head
+        gets a packed copy of the embedding table. INT8 and other dtypes are left as they are."""
+        for name, module in list(self.named_modules()):
+            if type(module) is nn.Linear and invariant.packable(module.weight):
+                parent, _, child = name.rpartition(".")
+                packed = invariant.PackedLinear(module.weight, module.bias)
+                setattr(self.get_submodule(parent) if parent else self, child, packed)
+        if (
+            self.lm_head is None
+            and isinstance(self.embed, nn.Embedding)
+            and invariant.packable(self.embed.weight)
+        ):
+            self.lm_head = invariant.PackedLinear(self.embed.weight)
+
     @staticmethod
     def _rope(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
         """RoPE on adjacent pairs (see `interleave_rope_rows`); x [N, heads, hd], rot [N, 1, hd/2]."""
@@ -151,6 +167,6 @@ class LlamaModel(nn.Module):
         if batch.logit_rows is not None:
             h = h[batch.logit_rows]
         h = F.rms_norm(h, (a.hidden_size,), self.norm, eps)
-        if self.lm_head is not None:  # untied, or an int8 head over the int8 table
+        if self.lm_head is not None:  # untied, packed, or an int8 head over the int8 table
             return invariant.apply(self.lm_head, h)  # [S, vocab]
         return invariant.linear(h, self.embed.weight)

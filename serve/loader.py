@@ -159,6 +159,7 @@ def load_model(model_dir: str | Path, dtype: torch.dtype = torch.float32) -> Lla
     tied_int8 = args.tie_word_embeddings and state["embed.weight"].dtype == torch.int8
     _assign(model, state, dtype, lm_head_from="embed" if tied_int8 else None)
     model.rope = rope_table(args)  # buffers were created on meta
+    model.pack_linears()
     return model.eval()
 
 

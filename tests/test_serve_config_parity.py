@@ -251,7 +251,10 @@ def _with_config(model, config: dict):
     args = ModelArgs.from_config(config)
     with torch.device("meta"):
         other = LlamaModel(args)
-    other.load_state_dict(model.state_dict(), assign=True)
+    # the modules themselves: packed linears keep their weights outside the state dict
+    other.embed, other.layers, other.norm, other.lm_head = (
+        model.embed, model.layers, model.norm, model.lm_head
+    )
     other.rope = rope_table(args)
     return other.eval()
 
