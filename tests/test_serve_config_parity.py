@@ -253,7 +253,10 @@ def _with_config(model, config: dict):
         other = LlamaModel(args)
     # the modules themselves: packed linears keep their weights outside the state dict
     other.embed, other.layers, other.norm, other.lm_head = (
-        model.embed, model.layers, model.norm, model.lm_head
+        model.embed,
+        model.layers,
+        model.norm,
+        model.lm_head,
     )
     other.rope = rope_table(args)
     return other.eval()
