@@ -112,3 +112,22 @@ def test_cli_serves_then_sigterm_aborts_open_streams(tiny_export):
     assert proc.returncode in (0, -signal.SIGTERM)  # uvicorn re-raises the signal it caught
     assert f"model: {MODEL}" in out and f"url:   {url}/v1" in out and "no keys" in out
     assert "Application shutdown complete" in out
+
+
+def test_served_engine_thread_gets_the_cores_and_the_loop_thread_one(tiny_export):
+    """`serve` / `batch` load through load_served_model, which leaves the main (event loop)
+    thread one intra-op thread and gives the engine thread the rest: a second OpenMP pool on the
+    main thread makes the engine's workers sleep between ops (decode ~1.6× slower, measured)."""
+    code = f"""
+import torch
+torch.set_num_threads(2)
+from distill.commands.serve import load_served_model
+from serve.api.runner import EngineRunner
+model = load_served_model({{"model": {str(tiny_export)!r}}}, "serve")
+runner = EngineRunner(model.engine)
+runner.start()
+print(torch.get_num_threads(), runner._call(torch.get_num_threads).result(timeout=30))
+runner.stop()
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["1", "2"]

@@ -27,6 +27,7 @@ import uvicorn
 
 from distill.commands.keyvalue import split_key_values
 from serve.api import ServedModel, create_app
+from serve.api.runner import reserve_cores_for_engine
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +136,7 @@ def load_served_model(args: dict[str, str], command: str) -> ServedModel:
         if key in args:
             engine_kwargs[key] = _int(args, key, 0)
     path = resolve_model(args.get("model"))
+    reserve_cores_for_engine()  # before loading: the engine thread gets the cores
     try:
         return ServedModel.load(path, **engine_kwargs)
     except (FileNotFoundError, ValueError) as e:
