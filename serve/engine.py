@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from serve import paged_attention
 from serve.detokenizer import TextStream
 from serve.idefics3 import Idefics3Vision
 from serve.kv_cache import BlockPool
@@ -76,6 +77,8 @@ class Engine:
         bytes_per_token = 2 * a.num_layers * a.num_kv_heads * a.head_dim * kv_dtype.itemsize
         num_blocks = num_blocks or max(1, kv_memory_bytes // (bytes_per_token * block_size))
         self.kv = KVPool(a, num_blocks * block_size, dtype=kv_dtype)
+        if kv_dtype == torch.float32 and self.kv.kv.device.type == "cpu":
+            paged_attention.kernel()  # built (once per machine) now, not on the first request
         self.pool = BlockPool(num_blocks, block_size)
         self.scheduler = Scheduler(
             self.pool, max_tokens_per_step, max_seqs, background_tokens_per_step,

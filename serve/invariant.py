@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from serve import paged_attention
+
 if TYPE_CHECKING:
     from serve.llama import AttentionBatch
 
@@ -159,17 +161,55 @@ def _scratch(kv: torch.Tensor, rows: int) -> torch.Tensor:
     return buf[:rows]
 
 
+def _row_ranges(batch: AttentionBatch, window: int | None):
+    """(slot_ids, row_start, row_len): row n's visible keys are
+    slot_ids[row_start[n] : row_start[n] + row_len[n]], in position order. Built once per
+    step and window (every layer with that window reuses it)."""
+    cached = batch.row_ranges.get(window)
+    if cached is not None:
+        return cached
+    pos = batch.positions
+    first = torch.zeros_like(pos) if window is None else (pos - window + 1).clamp_(min=0)
+    b = batch.num_decode
+    parts, bases = [], []
+    if b:
+        width = batch.decode_slots.shape[1]
+        parts.append(batch.decode_slots.reshape(-1))
+        bases.append(torch.arange(b) * width)
+    offset = b * batch.decode_slots.shape[1] if b else 0
+    for span in batch.prefills:
+        parts.append(span.context_slots)
+        bases.append(torch.full((span.num_tokens,), offset))
+        offset += len(span.context_slots)
+    base = torch.cat(bases)
+    ranges = (torch.cat(parts), base + first, pos + 1 - first)
+    batch.row_ranges[window] = ranges
+    return ranges
+
+
 def attend_rows(
     q: torch.Tensor, kv: torch.Tensor, batch: AttentionBatch, window: int | None = None
 ) -> torch.Tensor:
-    """Attention of every query row over exactly the keys it sees, one row at a time.
+    """Attention of every query row over exactly the keys it sees.
 
     q [N, H, hd]; kv [slots, 2K, hd] one layer's pool (keys heads 0..K-1, values K..2K-1);
     `batch` says which rows decode and which prefill, and where their contexts sit. A row at
     position p sees positions max(0, p - window + 1)..p (`window` None: all of 0..p), as
     transformers' causal and sliding-window masks. Returns [N, H * hd].
+
+    float32 on CPU goes through the compiled kernel (`serve.paged_attention`): one call for
+    all rows, keys read in place, each row computed alone. Otherwise, one SDPA call per row.
     """
     n, heads, hd = q.shape
+    if (
+        q.dtype == torch.float32
+        and kv.dtype == torch.float32
+        and kv.device.type == "cpu"
+        and kv.is_contiguous()
+        and paged_attention.kernel() is not None
+    ):
+        slot_ids, start, length = _row_ranges(batch, window)
+        return paged_attention.attend(q.contiguous(), kv, slot_ids, start, length).view(n, -1)
     kh = kv.shape[1] // 2
     q = q.view(n, 1, kh, heads // kh, hd)  # the heads sharing a KV head act as its query rows
     positions = batch.positions.tolist()

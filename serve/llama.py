@@ -11,7 +11,7 @@ with `use_sliding_window`) see only the keys still inside it; NoPE layers (SmolL
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +40,8 @@ class AttentionBatch:
     decode_slots: torch.Tensor | None  # [B, L] slots of positions 0..L-1, padded with slot 0
     prefills: list[PrefillSpan]
     logit_rows: torch.Tensor | None  # [S] tokens whose logits are wanted; None = all
+    # per attention window: each row's key range for the compiled kernel (serve.invariant)
+    row_ranges: dict = field(default_factory=dict, repr=False, compare=False)
 
 
 def rope_table(args: ModelArgs) -> torch.Tensor:
