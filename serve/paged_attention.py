@@ -49,7 +49,13 @@ def kernel():
             sources=[str(SOURCE)],
             # no -ffast-math: it reorders sums per call site and can set flush-to-zero process-wide;
             # -fno-trapping-math only lets the exp loop vectorize (same results)
-            extra_cflags=["-O3", "-march=native", "-fno-trapping-math", "-fno-math-errno", "-fopenmp"],
+            extra_cflags=[
+                "-O3",
+                "-march=native",
+                "-fno-trapping-math",
+                "-fno-math-errno",
+                "-fopenmp",
+            ],
             extra_ldflags=["-fopenmp"],
             verbose=False,
         )
