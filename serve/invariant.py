@@ -97,7 +97,7 @@ def onednn_rows_invariant() -> bool:
                     if not torch.equal(_packed_linear(x, packed, None)[pos], ref):
                         log.info("oneDNN linear rows vary with the row count; using MKL")
                         return False
-    except RuntimeError as e:  # a build whose mkldnn ops refuse these calls
+    except (RuntimeError, AttributeError, NotImplementedError) as e:  # ops missing or refusing
         log.info("oneDNN prepacked linear unavailable (%s); using MKL", e)
         return False
     log.info("fp32 linears: oneDNN prepacked weights (rows batch-invariant)")

@@ -43,6 +43,7 @@ def kernel():
         return None
     from torch.utils import cpp_extension
 
+    log.info("paged attention kernel: loading (compiled on first use on a machine, ~1 min)")
     try:
         module = cpp_extension.load(
             name=f"nanodistill_paged_attention_{_cpu_tag()}",
