@@ -24,6 +24,7 @@ from torch import nn
 
 from serve.engine import Engine
 from serve.int8 import Int8Embedding, Int8Linear
+from serve.invariant import PackedLinear
 from serve.loader import load_model
 from serve.sampler import SamplingParams
 
@@ -54,6 +55,8 @@ def weight_bytes_per_token(model: nn.Module) -> int:
             total += m.in_features * m.out_features + 4 * m.out_features
         elif isinstance(m, nn.Linear):
             total += m.weight.numel() * m.weight.element_size()
+        elif isinstance(m, PackedLinear):  # fp32, prepacked for oneDNN (a tied head included)
+            total += 4 * m.in_features * m.out_features
     if model.lm_head is None and not isinstance(model.embed, Int8Embedding):
         total += model.embed.weight.numel() * model.embed.weight.element_size()
     return total
