@@ -170,13 +170,13 @@ def _row_ranges(batch: AttentionBatch, window: int | None):
         return cached
     pos = batch.positions
     first = torch.zeros_like(pos) if window is None else (pos - window + 1).clamp_(min=0)
-    b = batch.num_decode
+    b, offset = batch.num_decode, 0
     parts, bases = [], []
-    if b:
+    if b:  # decode row i's slots start at i * width in the flattened table
         width = batch.decode_slots.shape[1]
         parts.append(batch.decode_slots.reshape(-1))
         bases.append(torch.arange(b) * width)
-    offset = b * batch.decode_slots.shape[1] if b else 0
+        offset = b * width
     for span in batch.prefills:
         parts.append(span.context_slots)
         bases.append(torch.full((span.num_tokens,), offset))

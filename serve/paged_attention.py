@@ -1,7 +1,7 @@
 """The compiled batch-invariant paged attention kernel (`serve/csrc/paged_attention.cpp`).
 
-Built once per machine with torch's C++ extension loader (g++ and ninja; a few seconds, cached
-under torch's extensions directory) the first time the engine runs a float32 model on CPU.
+Built once per machine with torch's C++ extension loader (g++ and ninja; ~40 s, cached
+under torch's extensions directory) when the first engine for a float32 model on CPU is built.
 Where it cannot be built, `kernel()` is None and `serve.invariant` keeps its per-row SDPA
 path: slower, equally batch-invariant.
 """

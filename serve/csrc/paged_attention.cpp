@@ -107,9 +107,10 @@ void scores(const float* q, int64_t group, const float* kvp, const int64_t* row_
   }
 }
 
+#ifdef __AVX2__
 // o[g] = inv[g] · Σ_j w[g * len + j] · v_j for the row's values of KV head k, j in order.
-// Values are visited in blocks of 16, each block once for all queries; D known at compile
-// time keeps a query's accumulator in registers while it sweeps a block.
+// Values are visited in blocks of 16, each block once for all queries; D / 8 register
+// accumulators per query while it sweeps a block (one FMA per 8 floats of a value).
 template <int D>
 void weighted_sums(const float* w, int64_t group, const float* kvp, const int64_t* row_slots,
                    int64_t len, int64_t kv2, int64_t kv_heads, int64_t k, const float* inv,
@@ -123,8 +124,6 @@ void weighted_sums(const float* w, int64_t group, const float* kvp, const int64_
     for (int64_t g = 0; g < group; ++g) {
       const float* wg = w + g * len + j;
       float* ag = acc + g * D;
-#ifdef __AVX2__
-      // D / 8 register accumulators, one FMA per 8 floats of a value
       __m256 r[D / 8];
       for (int c = 0; c < D / 8; ++c) r[c] = _mm256_loadu_ps(ag + 8 * c);
       for (int64_t t = 0; t < m; ++t) {
@@ -133,16 +132,14 @@ void weighted_sums(const float* w, int64_t group, const float* kvp, const int64_
           r[c] = _mm256_fmadd_ps(wt, _mm256_loadu_ps(values[t] + 8 * c), r[c]);
       }
       for (int c = 0; c < D / 8; ++c) _mm256_storeu_ps(ag + 8 * c, r[c]);
-#else
-      for (int64_t t = 0; t < m; ++t)
-        for (int i = 0; i < D; ++i) ag[i] += wg[t] * values[t][i];
-#endif
     }
   }
   for (int64_t g = 0; g < group; ++g)
     for (int i = 0; i < D; ++i) o[g * D + i] = acc[g * D + i] * inv[g];
 }
+#endif
 
+// The same sums for any head size, without intrinsics.
 void weighted_sums_any(const float* w, int64_t group, const float* kvp,
                        const int64_t* row_slots, int64_t len, int64_t kv2, int64_t kv_heads,
                        int64_t k, int64_t d, const float* inv, float* acc, float* o) {
@@ -185,6 +182,8 @@ torch::Tensor attend(torch::Tensor q, torch::Tensor kv, torch::Tensor slot_ids,
   for (int64_t n = 0; n < n_rows; ++n)
     TORCH_CHECK(lens[n] > 0 && starts[n] >= 0 && starts[n] + lens[n] <= n_slots_total,
                 "attend: row ", n, " has no keys or its range leaves slot_ids");
+  for (int64_t i = 0; i < n_slots_total; ++i)
+    TORCH_CHECK(slots[i] >= 0 && slots[i] < pool, "attend: slot ", slots[i], " outside the pool");
   auto out = torch::empty_like(q);
   const float* qp = q.data_ptr<float>();
   const float* kvp = kv.data_ptr<float>();
@@ -197,9 +196,6 @@ torch::Tensor attend(torch::Tensor q, torch::Tensor kv, torch::Tensor slot_ids,
       const int64_t n = task / kv_heads, k = task % kv_heads;
       const int64_t len = lens[n];
       const int64_t* row_slots = slots + starts[n];
-      for (int64_t j = 0; j < len; ++j)
-        TORCH_CHECK(row_slots[j] >= 0 && row_slots[j] < pool, "attend: slot ", row_slots[j],
-                    " outside the pool");
       const int64_t h0 = n * heads + k * group;  // this KV head's first query head
       p.resize(group * len);
       scores(qp + h0 * d, group, kvp, row_slots, len, kv2, k, d, sc, p.data());
@@ -213,15 +209,20 @@ torch::Tensor attend(torch::Tensor q, torch::Tensor kv, torch::Tensor slot_ids,
         inv[g] = 1.0f / sum;
       }
       float* o = op + h0 * d;
-      if (d == 64)
+#ifdef __AVX2__
+      if (d == 64) {
         weighted_sums<64>(p.data(), group, kvp, row_slots, len, kv2, kv_heads, k, inv.data(),
                           acc.data(), o);
-      else if (d == 128)
+        continue;
+      }
+      if (d == 128) {
         weighted_sums<128>(p.data(), group, kvp, row_slots, len, kv2, kv_heads, k, inv.data(),
                            acc.data(), o);
-      else
-        weighted_sums_any(p.data(), group, kvp, row_slots, len, kv2, kv_heads, k, d, inv.data(),
-                          acc.data(), o);
+        continue;
+      }
+#endif
+      weighted_sums_any(p.data(), group, kvp, row_slots, len, kv2, kv_heads, k, d, inv.data(),
+                        acc.data(), o);
     }
   });
   return out;
